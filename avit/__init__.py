@@ -1,0 +1,1 @@
+"""avit package."""

@@ -1,0 +1,1 @@
+"""tavt package."""

@@ -1,0 +1,1 @@
+"""toe package."""
