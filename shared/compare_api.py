@@ -1,0 +1,70 @@
+"""The protocol between tools/compare.py and the methods.
+
+Each method package provides a module `<pkg>/compare.py` with:
+
+    METHODS = ('avit',)                 # the method names it provides (tocom.compare provides 'tome' and 'tocom')
+    def add_args(parser): ...           # optional: its sweep flags (e.g. --r 4 8 16, --target-flops 2.9 3.1);
+                                        # flags must not clash with other methods' (prefix them when in doubt)
+    def variants(method, ctx, args) -> list[Variant]
+
+`variants` derives the method's models from the shared baseline with the method's OWN code path (its engine, its
+search, its fine-tuning, with small budgets from `ctx.epochs`), caching what it trains under `ctx.cache_dir/<method>`
+so a second run reuses it, and returns one `Variant` per setting of the sweep. tools/compare.py then evaluates every
+variant on the same data (accuracy, GFLOPs, throughput, latency, memory, params) and writes the report.
+
+When the user points a method at artefacts that do not exist (`ctx.artefacts`), raise `MissingArtefact` naming the
+file and the command that makes it.
+"""
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Context:
+    base_checkpoint: str             # timm-style state dict of the baseline ViT (the shared starting point)
+    model_name: str                  # its timm model name (e.g. 'vit_digits_patch4_32' for the embedded default)
+    model_kwargs: dict               # kwargs to rebuild it (num_classes, img_size, ...)
+    data_args: argparse.Namespace    # for shared.datasets.build_dataset/build_loaders (data_set, data_path, input_size,
+                                     # batch_size, num_workers, ...)
+    cache_dir: str                   # method artefacts go under cache_dir/<method>
+    device: torch.device
+    seed: int = 0
+    epochs: int = 2                  # training budget for artefacts derived on the fly
+    artefacts: dict = field(default_factory=dict)   # user-given paths: {'tocom_path': ..., 'schedule': ...}
+    quick: bool = False              # tests: smallest possible budgets
+
+
+@dataclass
+class Variant:
+    method: str
+    label: str                       # e.g. 'r=8', 'target=0.03'
+    settings: dict                   # the exact settings (reported verbatim)
+    model: torch.nn.Module           # ready for eval (weights loaded, patched)
+    gflops: Optional[float] = None   # static GFLOPs per image; None when data-dependent
+    forward: Optional[Callable] = None   # (model, images) -> logits, or (logits, {'gflops': per-image mean for batch})
+    artefacts: dict = field(default_factory=dict)   # name -> path of files this variant used (hashed in the report)
+    extra: dict = field(default_factory=dict)       # anything else worth reporting
+
+
+class MissingArtefact(FileNotFoundError):
+    def __init__(self, what, path, command):
+        self.what, self.path, self.command = what, path, command
+        super().__init__(f'{what} not found at {path}; make it with: {command}')
+
+
+def load_base_model(ctx, **overrides):
+    """The baseline timm model with ctx.base_checkpoint's weights."""
+    from shared.checkpoint import load_weights, safe_load, to_timm_state_dict
+    from shared.models import create_model
+    model = create_model(ctx.model_name, **{**ctx.model_kwargs, **overrides})
+    load_weights(model, to_timm_state_dict(safe_load(ctx.base_checkpoint)))
+    return model
+
+
+def data_args(ctx, **overrides):
+    return argparse.Namespace(**{**vars(ctx.data_args), **overrides})
+
+

@@ -1,0 +1,171 @@
+"""DeiT's engine: one training epoch, evaluation, and the set-up every DeiT-style entry script repeats
+(linear lr scaling, optimizer, scheduler, loss scaler, mixup, criterion, epoch logs)."""
+import json
+import math
+import os
+import sys
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer
+from timm.scheduler import create_scheduler
+from timm.utils import accuracy
+
+from shared.amp import autocast, build_loss_scaler
+from shared.distributed import get_world_size, is_main_process
+from shared.losses import DistillationLoss
+from shared.metrics import MetricLogger, SmoothedValue
+
+
+def scale_lr(args):
+    """DeiT's linear scaling: lr * batch_size * world_size / 512 unless --unscale-lr."""
+    if not getattr(args, 'unscale_lr', False):
+        args.lr = args.lr * args.batch_size * get_world_size() / 512.0
+    return args.lr
+
+
+def build_optimization(args, model_without_ddp, device):
+    """Optimizer, loss scaler and lr scheduler exactly as DeiT builds them (timm factories)."""
+    scale_lr(args)
+    optimizer = create_optimizer(args, model_without_ddp)
+    loss_scaler = build_loss_scaler(args, device)
+    lr_scheduler, _ = create_scheduler(args, optimizer)
+    return optimizer, loss_scaler, lr_scheduler
+
+
+def build_mixup(args, nb_classes):
+    active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if not active:
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def build_criterion(args, mixup_fn, teacher_model=None):
+    """DeiT's choice: soft-target CE under mixup, label smoothing otherwise, BCE with --bce-loss; wrapped in
+    DistillationLoss (a no-op wrapper when --distillation-type none)."""
+    if mixup_fn is not None:
+        base = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        base = torch.nn.CrossEntropyLoss()
+    if getattr(args, 'bce_loss', False):
+        base = torch.nn.BCEWithLogitsLoss()
+    return DistillationLoss(base, teacher_model, getattr(args, 'distillation_type', 'none'),
+                            getattr(args, 'distillation_alpha', 0.5), getattr(args, 'distillation_tau', 1.0))
+
+
+def _default_loss(criterion, bce):
+    def loss_fn(model, samples, targets):
+        outputs = model(samples)
+        if bce:
+            targets = targets.gt(0.0).type(targets.dtype)
+        return criterion(samples, outputs, targets), {}
+    return loss_fn
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, max_norm=0,
+                    model_ema=None, mixup_fn=None, set_training_mode=True, amp=False, loss_fn=None,
+                    bce_loss=False, print_freq=10, tb_logger=None, header=None):
+    """One epoch as DeiT's engine does it. `loss_fn(model, samples, targets) -> (loss, {meter: value})` lets a
+    method compute its own loss (ponder, distillation, FLOPs penalty, ...) and log its own meters."""
+    model.train(set_training_mode)
+    loss_fn = loss_fn or _default_loss(criterion, bce_loss)
+    metric_logger = MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    header = header or f'Epoch: [{epoch}]'
+    for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        with autocast(device, amp):
+            loss, extra = loss_fn(model, samples, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            print(f'Loss is {loss_value}, stopping training')
+            sys.exit(1)
+        optimizer.zero_grad()
+        is_second_order = getattr(optimizer, 'is_second_order', False)
+        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(), create_graph=is_second_order)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        if model_ema is not None:
+            model_ema.update(model)
+        metric_logger.update(loss=loss_value, **extra)
+        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+    metric_logger.synchronize_between_processes()
+    print('Averaged stats:', metric_logger)
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    if tb_logger is not None:
+        tb_logger.log(stats, epoch, prefix='train')
+    return stats
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device, amp=False, forward_fn=None, print_freq=10, header='Test:'):
+    """DeiT's evaluation: prints `* Acc@1 .. Acc@5 .. loss ..` and returns the global averages.
+
+    `forward_fn(model, images) -> logits` or `-> (logits, {meter: value})` for methods that report more per batch
+    (mean depth, FLOPs); those meters are averaged over images."""
+    criterion = torch.nn.CrossEntropyLoss()
+    metric_logger = MetricLogger(delimiter='  ')
+    model.eval()
+    for images, target in metric_logger.log_every(data_loader, print_freq, header):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            result = forward_fn(model, images) if forward_fn is not None else model(images)
+            output, extra = result if isinstance(result, tuple) else (result, {})
+            loss = criterion(output, target)
+        maxk = min(5, output.shape[-1])
+        acc1, acc5 = accuracy(output, target, topk=(1, maxk))
+        batch_size = images.shape[0]
+        metric_logger.update(loss=loss.item())
+        metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
+        metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
+        for k, v in extra.items():
+            metric_logger.meters[k].update(float(v), n=batch_size)
+    metric_logger.synchronize_between_processes()
+    print('* Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f} loss {losses.global_avg:.3f}'
+          .format(top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def log_epoch(output_dir, log_stats, filename='log.txt'):
+    """Append one JSON line to <output_dir>/log.txt on rank 0, as DeiT does."""
+    if output_dir and is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, filename), 'a') as f:
+            f.write(json.dumps(log_stats) + '\n')
+
+
+class TensorboardLogger:
+    """A SummaryWriter on rank 0 only (no-op elsewhere or without a log dir)."""
+
+    def __init__(self, log_dir):
+        self.writer = None
+        if log_dir and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def add_scalar(self, tag, value, step):
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def log(self, stats, step, prefix):
+        for k, v in stats.items():
+            if isinstance(v, (int, float)):
+                self.add_scalar(f'{prefix}/{k}', v, step)
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

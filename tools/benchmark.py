@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Speed benchmarks of the methods, each measured against its baseline in one run (ratios, never absolute targets).
+
+    python tools/benchmark.py --method tome --model deit_small_patch16_224
+    python tools/benchmark.py --method avit ...      # token zipping vs DeiT
+    python tools/benchmark.py --method toe ...       # training step time per expansion stage
+    python tools/benchmark.py --method tavt ...      # a searched gene vs the full model
+
+Each method's options: python tools/benchmark.py --method NAME --help
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
+
+
+def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--method', required=False)
+    known, _ = pre.parse_known_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--method', required=True, choices=sorted(MEASURE_MODULES))
+    if known.method is None:
+        parser.parse_args(argv)  # prints the usage error
+    hooks = measure_module(known.method)
+    hooks.add_benchmark_args(parser)
+    return hooks.benchmark(parser.parse_args(argv))
+
+
+if __name__ == '__main__':
+    main()
