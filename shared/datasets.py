@@ -1,0 +1,343 @@
+"""Data sets, transforms and loaders (DeiT's `datasets.py` and the loader part of its `main.py`).
+
+`build_dataset(is_train, args) -> (dataset, nb_classes)` reads `args.data_set` / `args.data_path`;
+`build_transform(is_train, args)` is DeiT's recipe through timm's `create_transform`;
+`build_loaders(args, dataset_train, dataset_val)` picks DeiT's samplers.
+
+Every data-set class takes `(root, is_train, transform)` so that a method with its own transforms (TAVT) can reuse
+the readers. A missing folder or a wrong layout raises `DatasetLayoutError` naming what was expected where.
+"""
+import json
+import os
+import pickle
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import default_loader
+
+
+class DatasetLayoutError(ValueError):
+    """A data set is missing or is not laid out as its reader expects."""
+
+
+def _require(path, what):
+    """Raise DatasetLayoutError unless `path` exists; `what` says what it should be."""
+    if not os.path.exists(path):
+        raise DatasetLayoutError(f'{what} not found: expected {path}')
+    return path
+
+
+def _pil_rgb(array_hwc):
+    return Image.fromarray(np.ascontiguousarray(array_hwc, dtype=np.uint8)).convert('RGB')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageNet-style folders
+
+
+def image_folder(root, transform=None):
+    """torchvision ImageFolder with a layout error instead of torchvision's bare FileNotFoundError."""
+    _require(root, 'image folder')
+    try:
+        return datasets.ImageFolder(root, transform=transform)
+    except FileNotFoundError as e:
+        raise DatasetLayoutError(f'{root}: expected one sub-folder of images per class ({e})') from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR python pickles (read here rather than by torchvision, whose md5 check refuses any file but the original)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR batches hold dicts of numpy arrays and lists: nothing else may be constructed."""
+    _allowed = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', 'scalar'),
+                ('numpy._core.multiarray', 'scalar'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'CIFAR batch refers to {module}.{name}, which a CIFAR batch never holds')
+
+
+def _load_cifar_batch(path):
+    with open(path, 'rb') as f:
+        try:
+            entry = _CifarUnpickler(f, encoding='latin1').load()
+        except Exception as e:
+            raise DatasetLayoutError(f'{path}: not a CIFAR python batch ({e})') from None
+    if not isinstance(entry, dict) or 'data' not in entry:
+        raise DatasetLayoutError(f"{path}: not a CIFAR python batch (no 'data' entry)")
+    return entry
+
+
+class CIFAR(torch.utils.data.Dataset):
+    """CIFAR-100 (`<root>/cifar-100-python/{train,test,meta}`) or CIFAR-10
+    (`<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`), the python pickle releases."""
+    layouts = {
+        100: ('cifar-100-python', ['train'], ['test'], 'fine_labels'),
+        10: ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'], 'labels'),
+    }
+
+    def __init__(self, root, is_train=True, transform=None, num_classes=100):
+        folder, train_files, test_files, label_key = self.layouts[num_classes]
+        base = _require(os.path.join(root, folder), f'CIFAR-{num_classes} folder {folder}/')
+        data, targets = [], []
+        for name in (train_files if is_train else test_files):
+            entry = _load_cifar_batch(_require(os.path.join(base, name), f'CIFAR-{num_classes} batch'))
+            if label_key not in entry:
+                raise DatasetLayoutError(f"{os.path.join(base, name)}: no '{label_key}' entry")
+            data.append(np.asarray(entry['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            targets.extend(int(t) for t in entry[label_key])
+        self.data = np.concatenate(data).transpose(0, 2, 3, 1)  # N, H, W, C
+        self.targets = targets
+        self.transform = transform
+        self.nb_classes = num_classes
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.data[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeiT's iNaturalist json layout
+
+
+class INatDataset(torch.utils.data.Dataset):
+    """DeiT's iNaturalist reader: `<root>/train{year}.json`, `<root>/val{year}.json`, `<root>/categories.json`
+    (COCO-style json: `images[i].file_name` = `<dir>/<super>/<category id>/<file>` relative to root,
+    `annotations[i].category_id`; `categories.json` is a list indexed by category id). Labels number the values of
+    the `category` level (name, genus, ...) in order of first appearance in the training annotations, as DeiT does."""
+
+    def __init__(self, root, is_train=True, transform=None, year=2018, category='name', loader=default_loader):
+        self.root = root
+        self.transform = transform
+        self.loader = loader
+        split = 'train' if is_train else 'val'
+        path_json = _require(os.path.join(root, f'{split}{year}.json'), f'iNaturalist {year} {split} annotations')
+        with open(path_json) as f:
+            data = json.load(f)
+        with open(_require(os.path.join(root, 'categories.json'), 'iNaturalist categories')) as f:
+            data_catg = json.load(f)
+        with open(_require(os.path.join(root, f'train{year}.json'), f'iNaturalist {year} train annotations')) as f:
+            data_train = json.load(f)
+        try:
+            targeter, indexer = {}, 0
+            for ann in data_train['annotations']:
+                king = data_catg[int(ann['category_id'])][category]
+                if king not in targeter:
+                    targeter[king] = indexer
+                    indexer += 1
+            self.nb_classes = len(targeter)
+            self.samples = []
+            for elem in data['images']:
+                cut = elem['file_name'].split('/')
+                target_current = targeter[data_catg[int(cut[2])][category]]
+                self.samples.append((os.path.join(root, cut[0], cut[2], cut[3]), target_current))
+        except (KeyError, IndexError, TypeError) as e:
+            raise DatasetLayoutError(f'{path_json}: not the iNaturalist {year} json layout ({e!r})') from None
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = self.loader(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedded and generated data sets (no files needed)
+
+
+class Digits(torch.utils.data.Dataset):
+    """scikit-learn's bundled 8x8 hand-written digits (1,797 images, 10 classes), upscaled to `image_size` and
+    made RGB. The split is fixed: every fifth image (index % 5 == 0) is validation, so 1,437 train / 360 val."""
+    nb_classes = 10
+
+    def __init__(self, root=None, is_train=True, transform=None, image_size=32):
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16 -> 0..255
+        keep = (np.arange(len(images)) % 5 != 0) if is_train else (np.arange(len(images)) % 5 == 0)
+        self.images = images[keep]
+        self.targets = [int(t) for t in digits.target[keep]]
+        self.image_size = image_size
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index]).resize((self.image_size, self.image_size), Image.BILINEAR)
+        img = img.convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+class FakeImages(torch.utils.data.Dataset):
+    """Deterministic generated images for smoke runs: image i of a split is the same on every call and every rank.
+    Each class has its own mean colour under the noise, so a model can learn something."""
+
+    def __init__(self, root=None, is_train=True, transform=None, size=256, num_classes=10, image_size=224):
+        self.size = size
+        self.nb_classes = num_classes
+        self.image_size = image_size
+        self.transform = transform
+        self.split_seed = 0 if is_train else 1
+        palette = np.random.default_rng(1234).integers(30, 226, size=(num_classes, 3))
+        self.palette = palette
+        self.targets = [int(t) for t in np.random.default_rng(self.split_seed + 7).integers(0, num_classes, size)]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.split_seed, index))
+        target = self.targets[index]
+        noise = rng.normal(0, 40, size=(self.image_size, self.image_size, 3))
+        img = _pil_rgb(np.clip(self.palette[target] + noise, 0, 255))
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms
+
+
+def build_transform(is_train, args):
+    """DeiT's transforms: timm `create_transform` for training (RandomResizedCrop, flip, RandAugment, random
+    erasing), Resize(input/eval_crop_ratio) + CenterCrop for evaluation. For inputs of 32 pixels or less the random
+    resized crop becomes RandomCrop(size, padding=4) and evaluation does no resizing (DeiT's CIFAR recipe)."""
+    input_size = args.input_size
+    resize_im = input_size > 32
+    if is_train:
+        transform = create_transform(
+            input_size=input_size,
+            is_training=True,
+            color_jitter=getattr(args, 'color_jitter', 0.3),
+            auto_augment=getattr(args, 'aa', 'rand-m9-mstd0.5-inc1'),
+            interpolation=getattr(args, 'train_interpolation', 'bicubic'),
+            re_prob=getattr(args, 'reprob', 0.25),
+            re_mode=getattr(args, 'remode', 'pixel'),
+            re_count=getattr(args, 'recount', 1),
+        )
+        if not resize_im:
+            transform.transforms[0] = transforms.RandomCrop(input_size, padding=4)
+        return transform
+
+    t = []
+    if resize_im:
+        size = int(input_size / getattr(args, 'eval_crop_ratio', 0.875))
+        t.append(transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC))
+        t.append(transforms.CenterCrop(input_size))
+    t.append(transforms.ToTensor())
+    t.append(transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return transforms.Compose(t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dispatcher
+
+
+def _inat_year(name):
+    return {'INAT': 2018, 'INAT18': 2018, 'INAT19': 2019}[name]
+
+
+def build_dataset(is_train, args, transform=None):
+    """(dataset, nb_classes) for `args.data_set` under `args.data_path`; `transform` defaults to build_transform."""
+    if transform is None:
+        transform = build_transform(is_train, args)
+    name = str(args.data_set).upper()
+    root = getattr(args, 'data_path', None)
+
+    if name == 'DIGITS':
+        dataset = Digits(root, is_train, transform, image_size=args.input_size)
+        return dataset, dataset.nb_classes
+    if name == 'FAKE':
+        dataset = FakeImages(root, is_train, transform, size=getattr(args, 'fake_size', 256),
+                             num_classes=getattr(args, 'fake_classes', 10), image_size=args.input_size)
+        return dataset, dataset.nb_classes
+
+    if not root or not os.path.isdir(root):
+        raise DatasetLayoutError(f'--data-path {root!r} for data set {args.data_set} is not a directory')
+    if name == 'IMNET':
+        dataset = image_folder(os.path.join(root, 'train' if is_train else 'val'), transform)
+        return dataset, 1000 if len(dataset.classes) <= 1000 else len(dataset.classes)
+    if name in ('CIFAR', 'CIFAR100'):
+        dataset = CIFAR(root, is_train, transform, num_classes=100)
+        return dataset, 100
+    if name == 'CIFAR10':
+        dataset = CIFAR(root, is_train, transform, num_classes=10)
+        return dataset, 10
+    if name in ('INAT', 'INAT18', 'INAT19'):
+        dataset = INatDataset(root, is_train, transform, year=_inat_year(name),
+                              category=getattr(args, 'inat_category', 'name'))
+        return dataset, dataset.nb_classes
+    if name in FINE_GRAINED:
+        cls = FINE_GRAINED[name]
+        dataset = cls(root, is_train, transform)
+        return dataset, dataset.nb_classes
+    raise DatasetLayoutError(f'unknown --data-set {args.data_set!r}; expected one of {", ".join(DATA_SETS)}')
+
+
+FINE_GRAINED = {}  # filled below as the fine-grained readers land
+DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CUB', 'CARS', 'DOGS', 'FLOWERS', 'NABIRDS', 'INAT', 'INAT18', 'INAT19',
+             'INAT2017', 'DIGITS', 'FAKE')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    """DeiT's samplers and loaders: distributed -> RASampler (repeated augmentation) or DistributedSampler for
+    training, DistributedSampler for evaluation only with --dist-eval; single process -> Random / Sequential.
+    Evaluation batches are 1.5x the training batch; training drops the last incomplete batch."""
+    from shared.distributed import get_rank, get_world_size
+    from shared.samplers import RASampler
+
+    if getattr(args, 'distributed', False):
+        num_tasks, global_rank = get_world_size(), get_rank()
+        if getattr(args, 'repeated_aug', False):
+            sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True)
+        else:
+            sampler_train = torch.utils.data.DistributedSampler(
+                dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True)
+        if getattr(args, 'dist_eval', False):
+            if len(dataset_val) % num_tasks != 0:
+                print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
+                      'This will slightly alter validation results as extra duplicate entries are added to achieve '
+                      'equal num of samples per-process.')
+            sampler_val = torch.utils.data.DistributedSampler(
+                dataset_val, num_replicas=num_tasks, rank=global_rank, shuffle=False)
+        else:
+            sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    else:
+        sampler_train = torch.utils.data.RandomSampler(dataset_train)
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+
+    num_workers = getattr(args, 'num_workers', 0)
+    # Pinned memory only helps (and only works without a warning) when a GPU is there.
+    pin_memory = bool(getattr(args, 'pin_mem', False)) and torch.cuda.is_available()
+    data_loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=True)
+    data_loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=False)
+    return data_loader_train, data_loader_val

@@ -1,0 +1,191 @@
+"""shared.datasets: each reader on a layout generated here, the transforms, the loaders, and layout errors."""
+import argparse
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.datasets import DatasetLayoutError, build_dataset, build_loaders, build_transform
+
+
+def make_args(**kw):
+    base = dict(data_set='DIGITS', data_path='', input_size=32, batch_size=8, num_workers=0, pin_mem=False,
+                color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic', reprob=0.25,
+                remode='pixel', recount=1, eval_crop_ratio=0.875, fake_size=12, fake_classes=3,
+                inat_category='name', distributed=False, repeated_aug=True, dist_eval=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def write_jpg(path, color=(10, 20, 30), size=(12, 10)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new('RGB', size, color).save(path)
+
+
+# ------------------------------------------------------------------ embedded / generated
+
+
+def test_digits_split_and_shapes():
+    args = make_args(input_size=40)
+    train, nb = build_dataset(True, args)
+    val, nb_val = build_dataset(False, args)
+    assert nb == nb_val == 10
+    assert (len(train), len(val)) == (1437, 360)
+    img, label = val[0]
+    assert img.shape == (3, 40, 40) and label == 0  # image 0 of load_digits is a 0, and index 0 is validation
+    # the split is deterministic and disjoint: validation is every fifth image
+    from sklearn.datasets import load_digits
+    assert val.targets == [int(t) for t in load_digits().target[::5]]
+
+
+def test_fake_is_deterministic():
+    args = make_args(data_set='FAKE', input_size=24)
+    ds, nb = build_dataset(False, args)
+    assert nb == 3 and len(ds) == 12
+    a, la = ds[5]
+    b, lb = ds[5]
+    assert la == lb and torch.equal(a, b) and a.shape == (3, 24, 24)
+
+
+# ------------------------------------------------------------------ transforms
+
+
+def test_transforms_follow_deit():
+    big = make_args(input_size=224)
+    names = [type(t).__name__ for t in build_transform(True, big).transforms]
+    assert names[0] == 'RandomResizedCropAndInterpolation' and 'RandomErasing' in names
+    ev = build_transform(False, big).transforms
+    assert ev[0].size == 256 and ev[1].size == (224, 224)
+    small = make_args(input_size=32)
+    assert type(build_transform(True, small).transforms[0]).__name__ == 'RandomCrop'
+    assert [type(t).__name__ for t in build_transform(False, small).transforms] == ['ToTensor', 'Normalize']
+
+
+# ------------------------------------------------------------------ IMNET, CIFAR, iNat
+
+
+def test_imagenet_folders(tmp_path):
+    for split, n in (('train', 3), ('val', 2)):
+        for wnid in ('n01', 'n02'):
+            for i in range(n):
+                write_jpg(str(tmp_path / split / wnid / f'{i}.JPEG'))
+    args = make_args(data_set='IMNET', data_path=str(tmp_path), input_size=48)
+    train, nb = build_dataset(True, args)
+    val, _ = build_dataset(False, args)
+    assert nb == 1000  # DeiT's fixed ImageNet head
+    assert len(train) == 6 and len(val) == 4 and train.classes == ['n01', 'n02']
+    assert train[5][1] == 1
+
+
+def _write_pickle(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f)
+
+
+def test_cifar100_and_cifar10(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_pickle(str(tmp_path / 'cifar-100-python' / 'train'),
+                  {'data': rng.integers(0, 255, (5, 3072), dtype=np.uint8), 'fine_labels': [0, 99, 3, 4, 5],
+                   'coarse_labels': [0] * 5})
+    _write_pickle(str(tmp_path / 'cifar-100-python' / 'test'),
+                  {'data': rng.integers(0, 255, (2, 3072), dtype=np.uint8), 'fine_labels': [7, 8],
+                   'coarse_labels': [0] * 2})
+    for i in range(1, 6):
+        _write_pickle(str(tmp_path / 'cifar-10-batches-py' / f'data_batch_{i}'),
+                      {'data': rng.integers(0, 255, (2, 3072), dtype=np.uint8), 'labels': [i, 9]})
+    _write_pickle(str(tmp_path / 'cifar-10-batches-py' / 'test_batch'),
+                  {'data': rng.integers(0, 255, (3, 3072), dtype=np.uint8), 'labels': [1, 2, 3]})
+    args = make_args(data_set='CIFAR', data_path=str(tmp_path))
+    train, nb = build_dataset(True, args)
+    assert nb == 100 and len(train) == 5 and train[1][1] == 99 and train[1][0].shape == (3, 32, 32)
+    assert len(build_dataset(False, args)[0]) == 2
+    args.data_set = 'CIFAR10'
+    train, nb = build_dataset(True, args)
+    assert nb == 10 and len(train) == 10 and train.targets[:4] == [1, 9, 2, 9]
+    assert build_dataset(False, args)[0].targets == [1, 2, 3]
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ('touch ' + str(tmp_path / 'pwned'),))
+    _write_pickle(str(tmp_path / 'cifar-100-python' / 'train'), {'data': Evil(), 'fine_labels': [0]})
+    with pytest.raises(DatasetLayoutError, match='CIFAR'):
+        build_dataset(True, make_args(data_set='CIFAR', data_path=str(tmp_path)))
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_inat_json_layout(tmp_path):
+    # categories.json is indexed by category id; file names are <dir>/<super>/<category id>/<file>
+    categories = [{'id': 0, 'name': 'a', 'genus': 'g1'}, {'id': 1, 'name': 'b', 'genus': 'g1'},
+                  {'id': 2, 'name': 'c', 'genus': 'g2'}]
+    def split(files_cats):
+        return {'images': [{'id': i, 'file_name': f'train_val2018/Plantae/{c}/{f}'}
+                           for i, (f, c) in enumerate(files_cats)],
+                'annotations': [{'image_id': i, 'category_id': c} for i, (_, c) in enumerate(files_cats)]}
+    train = [('x1.jpg', 2), ('x2.jpg', 0), ('x3.jpg', 1)]
+    val = [('y1.jpg', 1)]
+    for name, obj in (('train2018.json', split(train)), ('val2018.json', split(val)), ('categories.json', categories)):
+        (tmp_path / name).write_text(json.dumps(obj))
+    for f, c in train + val:
+        write_jpg(str(tmp_path / 'train_val2018' / str(c) / f))
+    args = make_args(data_set='INAT', data_path=str(tmp_path), input_size=48)
+    ds, nb = build_dataset(True, args)
+    assert nb == 3 and [t for _, t in ds.samples] == [0, 1, 2]  # first-appearance order: c, a, b
+    ds_val, _ = build_dataset(False, args)
+    assert ds_val.samples[0][1] == 2 and ds_val[0][0].shape == (3, 48, 48)
+    args.inat_category = 'genus'
+    ds, nb = build_dataset(True, args)
+    assert nb == 2 and [t for _, t in ds.samples] == [0, 1, 1]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_path_and_wrong_layout(tmp_path):
+    with pytest.raises(DatasetLayoutError, match='is not a directory'):
+        build_dataset(True, make_args(data_set='IMNET', data_path=str(tmp_path / 'nope')))
+    with pytest.raises(DatasetLayoutError, match=str(tmp_path / 'train')):
+        build_dataset(True, make_args(data_set='IMNET', data_path=str(tmp_path)))
+    (tmp_path / 'train').mkdir()
+    with pytest.raises(DatasetLayoutError, match='sub-folder'):
+        build_dataset(True, make_args(data_set='IMNET', data_path=str(tmp_path)))
+    with pytest.raises(DatasetLayoutError, match='cifar-100-python'):
+        build_dataset(True, make_args(data_set='CIFAR', data_path=str(tmp_path)))
+    with pytest.raises(DatasetLayoutError, match='unknown --data-set'):
+        build_dataset(True, make_args(data_set='MNIST', data_path=str(tmp_path)))
+    assert issubclass(DatasetLayoutError, ValueError)
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def test_loaders_single_process():
+    args = make_args(data_set='FAKE', input_size=16, batch_size=5)
+    train, _ = build_dataset(True, args)
+    val, _ = build_dataset(False, args)
+    lt, lv = build_loaders(args, train, val)
+    assert isinstance(lt.sampler, torch.utils.data.RandomSampler) and lt.drop_last and len(lt) == 2
+    assert isinstance(lv.sampler, torch.utils.data.SequentialSampler) and lv.batch_size == 7 and len(lv) == 2
+
+
+def test_loaders_distributed_samplers(monkeypatch):
+    import shared.distributed as d
+    from shared.samplers import RASampler
+    monkeypatch.setattr(d, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(d, 'get_rank', lambda: 1)
+    args = make_args(data_set='FAKE', input_size=16, batch_size=2, distributed=True)
+    train, _ = build_dataset(True, args)
+    val, _ = build_dataset(False, args)
+    lt, lv = build_loaders(args, train, val)
+    assert isinstance(lt.sampler, RASampler) and lt.sampler.rank == 1
+    assert isinstance(lv.sampler, torch.utils.data.SequentialSampler)
+    args.repeated_aug, args.dist_eval = False, True
+    lt, lv = build_loaders(args, train, val)
+    assert type(lt.sampler) is torch.utils.data.DistributedSampler
+    assert type(lv.sampler) is torch.utils.data.DistributedSampler and not lv.sampler.shuffle
