@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` (the main job on the embedded default) and `make test`.
+# Both create .venv with the pinned set of versions (constraints.txt) when it is missing or out of date.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-heavy benchmark clean-venv
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) tools/compare.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q
+
+# Multi-process end-to-end runs of the papers' commands (torchrun, 2 CPU processes); slower.
+test-heavy: $(VENV)/.installed
+	$(PY) -m pytest -m heavy -q
+
+clean-venv:
+	rm -rf $(VENV)

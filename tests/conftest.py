@@ -1,0 +1,36 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests never reach a model hub or a dataset URL.
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+
+@pytest.fixture
+def repo_root():
+    return ROOT
+
+
+def run_script(args, cwd=None, env=None, timeout=600):
+    """Run a repository script with this interpreter; returns the CompletedProcess (stdout+stderr merged)."""
+    import subprocess
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=full_env, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def torchrun(args, nproc=2, cwd=None, env=None, timeout=900, extra=()):
+    """torchrun --nproc_per_node=N on the CPU (gloo) for a repository script."""
+    import subprocess
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env or {})}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--standalone', *extra,
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, timeout=timeout, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
