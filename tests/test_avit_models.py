@@ -1,0 +1,159 @@
+"""A-ViT model: the halting loop's invariants, equality with a plain ViT at full depth, zipped == masked, losses."""
+import math
+
+import pytest
+import timm
+import torch
+
+from avit.models_act import (AdaptiveVisionTransformer, avit_models, distribution_prior_loss, distribution_target)
+
+
+def tiny(**kw):
+    # DeiT-Tiny widths on a 64 px input (16 patches + class token): the real layer stack, cheap on a CPU.
+    kw.setdefault('num_classes', 10)
+    kw.setdefault('img_size', 64)
+    return avit_models['avit_tiny_patch16_224'](**kw)
+
+
+def with_varied_depths(model):
+    """Gates low enough that tokens halt at many different depths with random weights."""
+    model.gate_scale, model.gate_center = 5., 0.5
+    for i, blk in enumerate(model.blocks):
+        blk.mlp.fc2.bias.data[0] += 0.05 * i
+    return model
+
+
+def test_registry_and_state_dict_is_timm_vit():
+    torch.manual_seed(0)
+    for name, vit in (('avit_tiny_patch16_224', 'vit_tiny_patch16_224'),
+                      ('avit_small_patch16_224', 'vit_small_patch16_224')):
+        model = avit_models[name](num_classes=1000)
+        assert isinstance(model, AdaptiveVisionTransformer)
+        plain = timm.create_model(vit, pretrained=False)
+        result = plain.load_state_dict(model.state_dict())
+        assert not result.missing_keys and not result.unexpected_keys
+        result = model.load_state_dict(plain.state_dict())
+        assert not result.missing_keys and not result.unexpected_keys
+    assert sum(p.numel() for p in avit_models['avit_tiny_patch16_224']().parameters()) == 5717416
+
+
+def test_depth_counters_and_ponder_invariants():
+    torch.manual_seed(0)
+    model = with_varied_depths(tiny()).eval()
+    model(torch.randn(3, 3, 64, 64))
+    n, rho = model.counter_token, model.rho_token
+    assert n.shape == rho.shape == (3, 17)
+    assert torch.equal(n, n.round())
+    assert n.min() >= 1 and n.max() <= 12
+    assert len(torch.unique(n)) > 3, 'the biased gates should give many depths'
+    remainder = rho - n
+    assert remainder.min() >= -1e-6 and remainder.max() <= 1 + 1e-6
+    assert len(model.halting_score_layer) == 12
+
+
+def test_huge_gate_center_is_full_depth_plain_vit():
+    torch.manual_seed(0)
+    model = tiny(gate_scale=10., gate_center=1e4).eval()
+    plain = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=64).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x)
+        reference = plain(x)
+    assert torch.all(model.counter_token == 12)
+    assert torch.allclose(model.rho_token, torch.full_like(model.rho_token, 13.))  # N_k + r_k = 12 + 1
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('batch', [1, 4])
+def test_zipped_equals_masked(batch):
+    torch.manual_seed(1)
+    model = with_varied_depths(tiny()).eval()
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        masked = model(x)
+        counters, rho = model.counter_token.clone(), model.rho_token.clone()
+        model.zip_tokens = True
+        zipped = model(x)
+    assert torch.equal(model.counter_token, counters)
+    torch.testing.assert_close(model.rho_token, rho, atol=1e-5, rtol=0)
+    torch.testing.assert_close(zipped, masked, atol=1e-5, rtol=0)
+    assert counters.min() < 12  # something was actually removed
+
+
+def test_zipped_path_only_at_inference():
+    model = with_varied_depths(tiny(zip_tokens=True)).train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()  # the masked loop: differentiable
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_ponder_gradient_reaches_the_gates():
+    torch.manual_seed(0)
+    model = with_varied_depths(tiny()).train()
+    model(torch.randn(2, 3, 64, 64))
+    ponder = model.rho_token.mean()
+    ponder.backward()
+    # Channel 0 of each block output is the halting input; the MLP's output bias feeds it directly.
+    gate_grads = torch.stack([blk.mlp.fc2.bias.grad[0] for blk in model.blocks[:-1]])
+    assert torch.count_nonzero(gate_grads) > 0
+    # Only through the remainder: the last block's score is forced to 1, so its gate gets nothing.
+    assert model.blocks[-1].mlp.fc2.bias.grad is None or model.blocks[-1].mlp.fc2.bias.grad[0] == 0
+
+
+def test_straight_through_zeroing_keeps_halted_rows_gradient():
+    """The official `out.data *= mask` zeroes halted rows in the forward but lets their gradient through (the KL
+    prior's per-layer statistic reads the scores of halted tokens, so their rows do get a gradient)."""
+    torch.manual_seed(0)
+    model = with_varied_depths(tiny()).train()
+    model.drop_path_rate = 0
+    x = torch.randn(2, 3, 64, 64)
+    target = distribution_target()
+
+    def loss():
+        logits = model(x)
+        return logits.sum() + distribution_prior_loss(model.halting_score_layer, target)
+    loss().backward()
+    grad_st = model.pos_embed.grad.clone()
+    model.zero_grad()
+    # The same forward with a plain multiplication instead gives different parameter gradients.
+    import avit.models_act as m
+    source = m.AdaptiveVisionTransformer.forward_features_act_token
+
+    def plain_mul(self, x):
+        orig = torch.Tensor.detach
+        try:
+            torch.Tensor.detach = lambda t: t  # X + (X*a - X) == X*a with the gradient of X*a
+            return source(self, x)
+        finally:
+            torch.Tensor.detach = orig
+    model.forward_features_act_token = plain_mul.__get__(model)
+    loss().backward()
+    assert not torch.allclose(model.pos_embed.grad, grad_st)
+
+
+def test_distribution_target_and_prior_loss():
+    t = distribution_target()
+    assert abs(float(t.sum()) - 3.2605) < 1e-3
+    assert abs(float(t[8]) - 1.300918) < 1e-5
+    assert abs(float(t[:8].sum()) - 0.98) < 1e-6
+    h = [torch.tensor(v) for v in torch.linspace(0.05, 0.6, 12).tolist()]
+    loss = distribution_prior_loss(h, t)
+    hs = torch.stack(h)
+    hs = (hs / hs.sum()).clamp(0.01, 0.99)
+    expected = sum(float(ti) * (math.log(float(ti)) - math.log(float(hi))) for ti, hi in zip(t, hs)) / 12
+    assert abs(float(loss) - expected) < 1e-4 * abs(expected)
+    assert float(loss) > 0
+    normalised = distribution_prior_loss(h, t, normalize_target=True)
+    assert float(normalised) != pytest.approx(float(loss))
+
+
+def test_prior_statistic_axis_switch():
+    torch.manual_seed(0)
+    model = with_varied_depths(tiny()).eval()
+    x = torch.randn(3, 3, 64, 64)
+    model(x)
+    quirk = torch.stack(model.halting_score_layer)
+    model.prior_batch_axis_quirk = False
+    model(x)
+    tokens = torch.stack(model.halting_score_layer)
+    assert not torch.allclose(quirk, tokens)
