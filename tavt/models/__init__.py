@@ -1,0 +1,1 @@
+"""TAVT's ViT-pytorch-style model (`modeling.VisionTransformer`) and its ml_collections configs."""
