@@ -1,0 +1,259 @@
+"""Checkpoints: safe loading, atomic saving, DeiT-style save / resume / auto-resume, strict weight loading with
+readable errors, and conversions of the published formats into timm's key layout.
+
+A checkpoint is loaded with `torch.load(weights_only=True)`: tensors, containers and plain values, plus the few
+harmless classes DeiT-style checkpoints store (`argparse.Namespace`, numpy scalars and dtypes). Anything else is
+refused before a single object is built, so a malicious `.pth` cannot run code.
+"""
+import argparse
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (missing, truncated, unsafe, wrong format)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file refers to Python globals outside the allowed harmless types; it was not unpickled."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The weights do not fit the model (missing, unexpected or differently shaped keys)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe loading
+
+
+def _harmless_globals():
+    """Classes a DeiT-style checkpoint may hold besides tensors: the run's argparse.Namespace, numpy scalars (e.g. a
+    best accuracy stored as np.float64), arrays and dtypes. numpy 1 files name numpy.core.*, numpy 2 numpy._core.*:
+    both spellings are allowed."""
+    try:
+        multiarray = np._core.multiarray
+    except AttributeError:  # numpy < 2
+        multiarray = np.core.multiarray
+    allowed = [argparse.Namespace, np.ndarray, np.dtype,
+               (multiarray.scalar, 'numpy.core.multiarray.scalar'),
+               (multiarray.scalar, 'numpy._core.multiarray.scalar'),
+               (multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+               (multiarray._reconstruct, 'numpy._core.multiarray._reconstruct')]
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith('DType')]
+    return allowed
+
+
+def _unsafe_globals(path):
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) files cannot be scanned without unpickling
+        return []
+
+
+def safe_load(path, map_location='cpu'):
+    """torch.load(path, weights_only=True) with the harmless types above allowed; a missing, truncated or unsafe
+    file raises a CheckpointError naming the file (an unsafe one is never unpickled)."""
+    path = os.fspath(path)
+    if str(path).startswith(('http://', 'https://')):
+        raise CheckpointError(f'{path}: checkpoints are never downloaded here; download it yourself and pass the '
+                              'local file')
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        with torch.serialization.safe_globals(_harmless_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path)
+        what = ', '.join(names) if names else str(e).split('\n')[-1].strip() or str(e)
+        if 'Unsupported' in str(e) or 'global' in str(e).lower() or names:
+            raise UnsafeCheckpointError(
+                f'{path}: refused to load: the file refers to {what}, which is not a tensor nor one of the allowed '
+                'harmless types (argparse.Namespace, numpy scalars/arrays/dtypes); it was not unpickled. '
+                'Only load it with torch.load(weights_only=False) if you trust its source.') from None
+        raise CheckpointError(f'{path}: not a readable torch checkpoint ({e})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        size = os.path.getsize(path)
+        raise CheckpointError(f'{path}: cannot read this checkpoint ({size} bytes; truncated or not a torch file): '
+                              f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+
+
+def atomic_save(obj, path):
+    """torch.save into a temporary file in the same folder, then os.replace: a crash while saving leaves the
+    previous file intact (rename within one file system is atomic)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG states (so that a resumed run draws the same augmentations, mixup and sampler orders as an uninterrupted one)
+
+
+def rng_state():
+    """This process's RNG states as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_tuplify(state['python']))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        cuda_states = state['cuda']
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _tuplify(x):
+    # random.setstate needs tuples; a checkpoint round trip keeps them, but be lenient with lists.
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _all_rank_rng_states():
+    from shared.distributed import get_world_size, is_dist_avail_and_initialized
+    mine = rng_state()
+    if not is_dist_avail_and_initialized():
+        return [mine]
+    states = [None] * get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeiT-style save / resume
+
+
+def ema_module(model_ema):
+    """The averaged module of timm's ModelEma (`.ema`) or ModelEmaV2/V3 (`.module`)."""
+    if model_ema is None:
+        return None
+    return getattr(model_ema, 'ema', None) or getattr(model_ema, 'module')
+
+
+def save_checkpoint(path, *, model, optimizer=None, lr_scheduler=None, epoch=None, loss_scaler=None, model_ema=None,
+                    args=None, **extra):
+    """Write DeiT's checkpoint dict (model, optimizer, lr_scheduler, epoch, model_ema, scaler, args) plus every
+    rank's RNG state (key `rng`, a list indexed by rank) and any `extra` entries.
+
+    Call it on EVERY rank (the RNG states are gathered collectively); only rank 0 writes, atomically."""
+    from shared.distributed import is_main_process, unwrap_model
+    states = _all_rank_rng_states()
+    if not is_main_process():
+        return
+    obj = {'model': unwrap_model(model).state_dict()}
+    if optimizer is not None:
+        obj['optimizer'] = optimizer.state_dict()
+    if lr_scheduler is not None:
+        obj['lr_scheduler'] = lr_scheduler.state_dict()
+    if epoch is not None:
+        obj['epoch'] = epoch
+    if model_ema is not None:
+        obj['model_ema'] = unwrap_model(ema_module(model_ema)).state_dict()
+    if loss_scaler is not None:
+        obj['scaler'] = loss_scaler.state_dict()
+    if args is not None:
+        obj['args'] = args
+    obj['rng'] = states
+    obj.update(extra)
+    atomic_save(obj, path)
+
+
+def auto_resume(args, filename='checkpoint.pth'):
+    """When no --resume was given, --auto-resume is on and <output_dir>/checkpoint.pth exists, resume from it (a run
+    restarted with the same output dir continues from its last checkpoint). Returns args.resume."""
+    output_dir = getattr(args, 'output_dir', '')
+    if not getattr(args, 'resume', '') and getattr(args, 'auto_resume', False) and output_dir:
+        candidate = os.path.join(output_dir, filename)
+        if os.path.isfile(candidate):
+            print(f'| auto-resume from {candidate}')
+            args.resume = candidate
+    return getattr(args, 'resume', '')
+
+
+def resume(args, model, optimizer=None, lr_scheduler=None, loss_scaler=None, model_ema=None):
+    """DeiT's `--resume`: load the model strictly; unless --eval, also the optimizer, scheduler, epoch (training
+    continues at epoch + 1), EMA and loss scaler, then this rank's RNG state. Returns args.start_epoch."""
+    from shared.distributed import get_rank, get_world_size, unwrap_model
+    if not getattr(args, 'resume', ''):
+        return getattr(args, 'start_epoch', 0)
+    checkpoint = safe_load(args.resume)
+    state_dict = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
+    load_weights(unwrap_model(model), state_dict, strict=True, source=args.resume)
+    if (not getattr(args, 'eval', False) and optimizer is not None and lr_scheduler is not None
+            and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch'))):
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        args.start_epoch = checkpoint['epoch'] + 1
+        if model_ema is not None and checkpoint.get('model_ema') is not None:
+            load_weights(unwrap_model(ema_module(model_ema)), checkpoint['model_ema'], strict=True,
+                         source=f'{args.resume} (model_ema)')
+        if loss_scaler is not None and 'scaler' in checkpoint:
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+        # DeiT calls lr_scheduler.step(start_epoch) here, which sets the lr one epoch ahead of what an uninterrupted
+        # run uses (its loop steps with the finished epoch's index). The optimizer state already holds the lr of the
+        # saved moment, so nothing is stepped: the resumed run continues exactly.
+        states = checkpoint.get('rng')
+        if states:
+            if len(states) == get_world_size():
+                set_rng_state(states[get_rank()])
+            else:
+                print(f'| {args.resume} was written by {len(states)} processes, this run has {get_world_size()}: '
+                      'RNG states not restored (augmentations will differ from an uninterrupted run)')
+        print(f"| resumed from {args.resume}: epoch {checkpoint['epoch']} done, starting epoch {args.start_epoch}")
+    return getattr(args, 'start_epoch', 0)
+
+
+def load_weights(model, state_dict, strict=True, source='state dict'):
+    """model.load_state_dict with a readable error. strict=True: missing, unexpected and shape-mismatched keys all
+    raise CheckpointMismatchError, naming them. strict=False: shape-mismatched keys still raise (torch would too);
+    missing/unexpected ones are returned like torch does."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+                  for k in own if k in state_dict and hasattr(state_dict[k], 'shape')
+                  and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if mismatched or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f'missing keys ({len(missing)}): {_short(missing)}')
+        if unexpected:
+            parts.append(f'unexpected keys ({len(unexpected)}): {_short(unexpected)}')
+        if mismatched:
+            parts.append(f'shape mismatch ({len(mismatched)}): {_short(mismatched)}')
+        raise CheckpointMismatchError(f'{source} does not fit {type(model).__name__}: ' + '; '.join(parts) +
+                                      ' (is it a checkpoint of another model or number of classes?)')
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def _short(items, limit=8):
+    return ', '.join(items[:limit]) + (f', ... (+{len(items) - limit} more)' if len(items) > limit else '')
