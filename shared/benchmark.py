@@ -38,14 +38,62 @@ def latency_ms(model, input_size=(3, 224, 224), **kwargs):
     return 1000.0 / throughput(model, input_size, batch_size=1, **kwargs)
 
 
-def peak_memory_mb(fn, device):
-    """Peak memory of running fn(): CUDA's allocator peak on a GPU, the process's resident peak on the CPU."""
+class _LiveTensorBytes:
+    """Peak bytes of the tensors an operation sequence creates, tracked through torch's dispatcher (the CPU has no
+    allocator statistics). Inputs and parameters that existed before are not counted."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+        self._storages = {}
+
+    def _release(self, key):
+        entry = self._storages.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._storages[key]
+
+    def track(self, tensor):
+        import weakref
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        if key in self._storages:
+            self._storages[key][1] += 1
+        else:
+            self._storages[key] = [storage.nbytes(), 1]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._release, key)
+
+
+def peak_forward_memory_mb(fn, device):
+    """Peak memory of the tensors created while running fn(), in MiB: CUDA's allocator peak on a GPU, the dispatcher
+    tracker on the CPU."""
     device = torch.device(device)
     if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    tracker = _LiveTensorBytes()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    tracker.track(t)
+            return out
+
+    with torch.no_grad(), Mode():
+        fn()
+    return tracker.peak / 2 ** 20

@@ -1,0 +1,305 @@
+#!/usr/bin/env python
+"""Compare the token-reduction methods side by side: one backbone, one data set, one machine.
+
+With no arguments it runs offline on the embedded default (scikit-learn's digits): it trains a small ViT baseline
+(or reuses it from the cache), derives each method's models from it with the method's own code (ToMe and ToCom with a
+compensator trained on the fly, DiffRate searches, A-ViT fine-tuning, TAVT distillation + search, ToE training), then
+evaluates every point on the same validation images and writes a table (terminal, CSV, JSON) and plots.
+
+    python tools/compare.py
+    python tools/compare.py --methods tome,diffrate --r 2 4 --target-flops 0.03
+    python tools/compare.py --data-set IMNET --data-path /data/imagenet --model deit_small_patch16_224 \
+        --checkpoint deit_small.pth --input-size 224 --tocom-path tocom.pth ...
+
+Each point reports top-1/top-5, GFLOPs (the shared analytic convention; data-dependent ones averaged over the
+evaluated images), model-only throughput (ToMe's convention: eval, no grad, warm-up thrown away, stated batch size and
+dtype, on real validation images so that data-dependent models run as they would), batch-1 latency, peak forward
+memory, parameters, and what it was made from (settings, seed, SHA-256 of every weight file).
+"""
+import argparse
+import csv
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a plain checkout too
+
+import torch  # noqa: E402
+
+from shared.compare_api import Context, MissingArtefact, Variant  # noqa: E402
+
+# method name -> hook module (the protocol is in shared/compare_api.py)
+METHOD_MODULES = {
+    'tome': 'tocom.compare',
+    'tocom': 'tocom.compare',
+    'diffrate': 'diffrate.compare',
+    'avit': 'avit.compare',
+    'tavt': 'tavt.compare',
+    'toe': 'toe.compare',
+}
+DEFAULT_METHODS = ['tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe']
+FIELDS = ['method', 'label', 'acc1', 'acc5', 'gflops', 'img_per_s', 'latency_ms', 'peak_mem_mb', 'params_m',
+          'throughput_batch', 'dtype', 'device', 'seed', 'settings', 'weights']
+
+
+def hook_module(method):
+    if method not in METHOD_MODULES:
+        raise SystemExit(f"unknown method '{method}'; known methods: {', '.join(sorted(METHOD_MODULES))}")
+    return importlib.import_module(METHOD_MODULES[method])
+
+
+def get_parser(methods):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--methods', default=','.join(DEFAULT_METHODS),
+                        help=f'comma-separated, from {", ".join(sorted(METHOD_MODULES))}')
+    parser.add_argument('--data-set', default='DIGITS')
+    parser.add_argument('--data-path', default='')
+    parser.add_argument('--input-size', default=None, type=int, help='default: 32 for DIGITS, 224 otherwise')
+    parser.add_argument('--model', default='vit_digits_patch4_32', help='baseline timm model name')
+    parser.add_argument('--checkpoint', default='', help='baseline weights (DeiT .pth or timm state dict); default '
+                        'on DIGITS: trained by tools/train_baseline.py into the cache')
+    parser.add_argument('--baseline-epochs', default=30, type=int)
+    parser.add_argument('--epochs', default=2, type=int, help='training budget of artefacts derived on the fly')
+    parser.add_argument('--cache-dir', default=os.path.join(ROOT, '.cache', 'compare'))
+    parser.add_argument('--output-dir', default=os.path.join(ROOT, 'output', 'compare'))
+    parser.add_argument('--batch-size', default=128, type=int, help='evaluation batch size')
+    parser.add_argument('--throughput-batch', default=64, type=int)
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    parser.add_argument('--runs', default=10, type=int, help='timed runs per throughput measurement')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--num_workers', default=0, type=int)
+    parser.add_argument('--no-plots', action='store_true')
+    parser.add_argument('--quick', action='store_true', help='smallest budgets (tests)')
+    for method in dict.fromkeys(methods):
+        module = hook_module(method)
+        if hasattr(module, 'add_args') and not getattr(parser, f'_added_{module.__name__}', False):
+            module.add_args(parser)
+            setattr(parser, f'_added_{module.__name__}', True)
+    return parser
+
+
+def parse_methods(argv):
+    """The requested methods; by default every method whose hook module is importable (the others are named)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--methods', default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.methods is None:
+        methods = []
+        for m in DEFAULT_METHODS:
+            try:
+                hook_module(m)
+                methods.append(m)
+            except ImportError as e:
+                print(f'| skipping {m}: its compare hook {METHOD_MODULES[m]} cannot be imported ({e})')
+        return methods
+    methods = [m.strip() for m in known.methods.split(',') if m.strip()]
+    for m in methods:
+        if m not in METHOD_MODULES:
+            raise SystemExit(f"unknown method '{m}'; known methods: {', '.join(sorted(METHOD_MODULES))}")
+    return methods
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_baseline(args):
+    """The baseline checkpoint: given, or trained on the embedded digits by the shared DeiT trainer (cached)."""
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise MissingArtefact('baseline checkpoint', args.checkpoint,
+                                  'python tools/train_baseline.py --output_dir DIR (or a DeiT/timm checkpoint)')
+        return args.checkpoint
+    if args.data_set != 'DIGITS':
+        raise SystemExit('--checkpoint is required outside the embedded DIGITS data set')
+    out = os.path.join(args.cache_dir, f'baseline_{args.model}_e{args.baseline_epochs}_s{args.seed}')
+    ckpt = os.path.join(out, 'checkpoint.pth')
+    if not os.path.isfile(os.path.join(out, 'done')):
+        print(f'| training the baseline {args.model} on DIGITS ({args.baseline_epochs} epochs) into {out}')
+        cmd = [sys.executable, os.path.join(ROOT, 'tools', 'train_baseline.py'), '--model', args.model,
+               '--epochs', str(args.baseline_epochs), '--output_dir', out, '--seed', str(args.seed),
+               '--device', args.device]
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-4000:])
+            raise SystemExit('baseline training failed: ' + ' '.join(cmd))
+        last = [line for line in proc.stdout.splitlines() if line.startswith('* Acc@1')]
+        print(f'| baseline trained: {last[-1] if last else "(no evaluation line)"}')
+        open(os.path.join(out, 'done'), 'w').close()
+    return ckpt
+
+
+def build_context(args):
+    from shared.checkpoint import safe_load, to_timm_state_dict
+    input_size = args.input_size or (32 if args.data_set == 'DIGITS' else 224)
+    ckpt = ensure_baseline(args)
+    state = to_timm_state_dict(safe_load(ckpt))
+    head = state.get('head.weight')
+    model_kwargs = {'num_classes': int(head.shape[0]) if head is not None else 1000}
+    if input_size != 224 or args.model == 'vit_digits_patch4_32':
+        model_kwargs['img_size'] = input_size
+    data_args = argparse.Namespace(
+        data_set=args.data_set, data_path=args.data_path, input_size=input_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, pin_mem=False, eval_crop_ratio=0.875 if input_size >= 224 else 1.0,
+        color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic', reprob=0.0, remode='pixel',
+        recount=1, repeated_aug=False, distributed=False, dist_eval=False, inat_category='name', seed=args.seed,
+        fake_size=256, fake_classes=10, ThreeAugment=False, src=False)
+    return Context(base_checkpoint=ckpt, model_name=args.model, model_kwargs=model_kwargs, data_args=data_args,
+                   cache_dir=args.cache_dir, device=torch.device(args.device), seed=args.seed,
+                   epochs=1 if args.quick else args.epochs, artefacts={}, quick=args.quick)
+
+
+def baseline_variant(ctx):
+    from shared.compare_api import load_base_model
+    from shared.flops import model_macs
+    model = load_base_model(ctx).eval()
+    return Variant(method='baseline', label='full', settings={'model': ctx.model_name}, model=model,
+                   gflops=model_macs(model) / 1e9, artefacts={'baseline': ctx.base_checkpoint})
+
+
+def measure(variant, ctx, val_loader, args):
+    """Every figure of one point, on the same validation data as every other point."""
+    from shared.benchmark import peak_forward_memory_mb, throughput
+    from shared.engine import evaluate
+    device = ctx.device
+    model = variant.model.to(device).eval()
+    forward = variant.forward or (lambda m, x: m(x))
+    stats = evaluate(val_loader, model, device, forward_fn=forward, print_freq=10 ** 9,
+                     header=f'Test {variant.method} {variant.label}:')
+    gflops = stats.get('gflops', variant.gflops)
+    images = torch.cat([x for x, _ in val_loader], 0)
+    batch = images[:args.throughput_batch]
+    if batch.shape[0] < args.throughput_batch:  # small validation sets: repeat images to fill the batch
+        batch = batch.repeat((args.throughput_batch + batch.shape[0] - 1) // batch.shape[0], 1, 1, 1)
+        batch = batch[:args.throughput_batch]
+    dtype = getattr(torch, args.dtype)
+    runs = 3 if args.quick else args.runs
+
+    def run(m, x):
+        out = forward(m, x)
+        return out[0] if isinstance(out, tuple) else out
+
+    img_s = throughput(model, batch_size=batch.shape[0], device=device, dtype=dtype, runs=runs, warmup=2,
+                       forward=run, inputs=batch)
+    lat = 1000.0 / throughput(model, device=device, dtype=dtype, runs=runs * 2, warmup=2, forward=run,
+                              inputs=batch[:1])
+    mem = peak_forward_memory_mb(lambda: run(model, batch.to(device)), device)
+    params = sum(p.numel() for p in model.parameters())
+    weights = {name: {'path': os.path.relpath(p, ROOT) if p.startswith(ROOT) else p, 'sha256': sha256(p)}
+               for name, p in variant.artefacts.items() if p and os.path.isfile(p)}
+    return {
+        'method': variant.method, 'label': variant.label, 'acc1': round(stats['acc1'], 3),
+        'acc5': round(stats['acc5'], 3), 'gflops': round(float(gflops), 6) if gflops is not None else None,
+        'img_per_s': round(img_s, 1), 'latency_ms': round(lat, 3), 'peak_mem_mb': round(mem, 2),
+        'params_m': round(params / 1e6, 4), 'throughput_batch': int(batch.shape[0]), 'dtype': args.dtype,
+        'device': str(device), 'seed': ctx.seed, 'settings': variant.settings, 'weights': weights,
+    }
+
+
+def pareto_front(rows, x_key, y_key, x_better_low):
+    """Points not dominated in (x, accuracy): sorted along x."""
+    pts = sorted(rows, key=lambda r: r[x_key], reverse=not x_better_low)
+    front, best = [], -float('inf')
+    for r in pts:
+        if r[y_key] > best:
+            front.append(r)
+            best = r[y_key]
+    return front
+
+
+def write_reports(rows, args):
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, 'results.json'), 'w') as f:
+        json.dump({'rows': rows, 'command': sys.argv, 'time': time.strftime('%Y-%m-%d %H:%M:%S')}, f, indent=2)
+    with open(os.path.join(args.output_dir, 'results.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, 'settings': json.dumps(r['settings'], sort_keys=True),
+                        'weights': json.dumps(r['weights'], sort_keys=True)})
+    header = f"{'method':<10} {'setting':<22} {'Acc@1':>7} {'Acc@5':>7} {'GFLOPs':>9} {'img/s':>9} " \
+             f"{'lat ms':>8} {'mem MB':>8} {'params M':>9}"
+    lines = [header, '-' * len(header)]
+    for r in rows:
+        lines.append(f"{r['method']:<10} {r['label'][:22]:<22} {r['acc1']:>7.2f} {r['acc5']:>7.2f} "
+                     f"{r['gflops']:>9.4f} {r['img_per_s']:>9.1f} {r['latency_ms']:>8.2f} {r['peak_mem_mb']:>8.2f} "
+                     f"{r['params_m']:>9.3f}")
+    lines.append(f"throughput: batch {rows[0]['throughput_batch']}, {rows[0]['dtype']}, {rows[0]['device']}; "
+                 f'seed {rows[0]["seed"]}')
+    table = '\n'.join(lines)
+    with open(os.path.join(args.output_dir, 'results.txt'), 'w') as f:
+        f.write(table + '\n')
+    print(table)
+    if not args.no_plots:
+        plot(rows, args.output_dir)
+
+
+def plot(rows, out_dir):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    markers = {'baseline': '*', 'tome': 'o', 'tocom': 's', 'diffrate': '^', 'avit': 'D', 'tavt': 'v', 'toe': 'P'}
+    for x_key, x_label, low_better, name in (('gflops', 'GFLOPs (MACs)', True, 'acc_vs_gflops.png'),
+                                             ('img_per_s', 'throughput (img/s)', False, 'acc_vs_throughput.png')):
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+        for method in dict.fromkeys(r['method'] for r in rows):
+            pts = [r for r in rows if r['method'] == method]
+            ax.scatter([r[x_key] for r in pts], [r['acc1'] for r in pts], marker=markers.get(method, 'x'), s=70,
+                       label=method, zorder=3)
+            for r in pts:
+                ax.annotate(r['label'], (r[x_key], r['acc1']), fontsize=7, xytext=(4, 3), textcoords='offset points')
+        front = pareto_front(rows, x_key, 'acc1', low_better)
+        ax.plot([r[x_key] for r in front], [r['acc1'] for r in front], '--', color='gray', zorder=2,
+                label='Pareto front')
+        ax.set_xlabel(x_label)
+        ax.set_ylabel('top-1 accuracy (%)')
+        ax.set_title(f'top-1 vs {x_label}  (throughput batch {rows[0]["throughput_batch"]}, {rows[0]["dtype"]}, '
+                     f'{rows[0]["device"]})', fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name))
+        plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    methods = parse_methods(argv)
+    args = get_parser(methods).parse_args(argv)
+    torch.manual_seed(args.seed)
+    try:
+        ctx = build_context(args)
+    except MissingArtefact as e:
+        raise SystemExit(f'error: {e}')
+    ctx.artefacts = {k: v for k, v in vars(args).items() if k.endswith('_path') and k != 'data_path' and v}
+    from shared.datasets import build_dataset
+    from tqdm import tqdm
+    dataset_val, _ = build_dataset(False, ctx.data_args)
+    val_loader = torch.utils.data.DataLoader(dataset_val, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.num_workers)
+    variants = [baseline_variant(ctx)]
+    for method in tqdm(methods, desc='deriving methods', disable=None):
+        start = time.time()
+        try:
+            made = hook_module(method).variants(method, ctx, args)
+        except MissingArtefact as e:
+            raise SystemExit(f'error ({method}): {e}')
+        print(f'| {method}: {len(made)} point(s) in {time.time() - start:.1f} s')
+        variants.extend(made)
+    rows = [measure(v, ctx, val_loader, args) for v in tqdm(variants, desc='measuring', disable=None)]
+    write_reports(rows, args)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
