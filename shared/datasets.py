@@ -159,6 +159,182 @@ class INatDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Fine-grained data sets. The papers' code points at them one folder apart (ToCom passes the parent of
+# `CUB_200_2011/`, TAVT the folder itself), so each reader accepts either level.
+
+
+def _locate(root, marker, folder):
+    """`root` when `root/marker` exists, else `root/folder` when `root/folder/marker` does; else a layout error."""
+    _require(root, 'data set root')
+    for base in (root, os.path.join(root, folder)):
+        if os.path.exists(os.path.join(base, marker)):
+            return base
+    raise DatasetLayoutError(f'{marker} not found: expected {os.path.join(root, marker)} or '
+                             f'{os.path.join(root, folder, marker)}')
+
+
+def _read_columns(path, what):
+    """Whitespace-separated text file as a list of field lists (CUB/NABirds metadata)."""
+    with open(_require(path, what)) as f:
+        return [line.split() for line in f if line.strip()]
+
+
+def _loadmat(path, what):
+    import scipy.io
+    try:
+        return scipy.io.loadmat(_require(path, what), squeeze_me=True)
+    except DatasetLayoutError:
+        raise
+    except Exception as e:
+        raise DatasetLayoutError(f'{path}: not a readable .mat file ({e})') from None
+
+
+def _mat_field(mat, key, path):
+    if key not in mat:
+        raise DatasetLayoutError(f"{path}: no '{key}' entry (has {sorted(k for k in mat if not k.startswith('__'))})")
+    return np.atleast_1d(mat[key])
+
+
+class _ImageList(torch.utils.data.Dataset):
+    """(path, label) samples read lazily as RGB PIL images."""
+    nb_classes = None
+
+    def __init__(self, samples, transform, loader=default_loader):
+        self.samples = samples
+        self.targets = [t for _, t in samples]
+        self.transform = transform
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = self.loader(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def _cub_style_samples(base, is_train, what, label_of=lambda raw: raw - 1):
+    """images.txt (`<id> <relative path>`), image_class_labels.txt (`<id> <class id>`), train_test_split.txt
+    (`<id> <1 = train>`), joined on the image id; images under `<base>/images/`."""
+    images = {r[0]: r[-1] for r in _read_columns(os.path.join(base, 'images.txt'), f'{what} images.txt')}
+    labels = {r[0]: int(r[-1]) for r in _read_columns(os.path.join(base, 'image_class_labels.txt'),
+                                                      f'{what} image_class_labels.txt')}
+    split = [(r[0], int(r[-1])) for r in _read_columns(os.path.join(base, 'train_test_split.txt'),
+                                                       f'{what} train_test_split.txt')]
+    try:
+        return [(os.path.join(base, 'images', images[i]), label_of(labels[i]))
+                for i, flag in split if flag == (1 if is_train else 0)], labels
+    except KeyError as e:
+        raise DatasetLayoutError(f'{base}: image id {e} of train_test_split.txt is missing from images.txt or '
+                                 'image_class_labels.txt') from None
+
+
+class CUB(_ImageList):
+    """CUB-200-2011: `<root>[/CUB_200_2011]/{images.txt, image_class_labels.txt, train_test_split.txt, images/}`;
+    label = class id - 1. 5,994 train / 5,794 test images, 200 classes."""
+    nb_classes = 200
+
+    def __init__(self, root, is_train=True, transform=None):
+        base = _locate(root, 'images.txt', 'CUB_200_2011')
+        samples, _ = _cub_style_samples(base, is_train, 'CUB')
+        super().__init__(samples, transform)
+
+
+class NABirds(_ImageList):
+    """NABirds: `<root>[/nabirds]/{images.txt, image_class_labels.txt, train_test_split.txt, images/}`. Class ids
+    are not contiguous; they are numbered 0..554 in ascending order of the ids used by the images (TransFG's
+    mapping)."""
+    nb_classes = 555
+
+    def __init__(self, root, is_train=True, transform=None):
+        base = _locate(root, 'images.txt', 'nabirds')
+        raw, all_labels = _cub_style_samples(base, is_train, 'NABirds', label_of=lambda c: c)
+        self.label_map = {c: i for i, c in enumerate(sorted(set(all_labels.values())))}
+        super().__init__([(p, self.label_map[c]) for p, c in raw], transform)
+
+
+class StanfordCars(_ImageList):
+    """Stanford Cars: `<root>[/stanford_cars]/devkit/{cars_train_annos.mat, cars_meta.mat}`, `cars_train/`,
+    `cars_test/`, and `cars_test_annos_withlabels.mat` beside devkit/ (torchvision) or inside it (TransFG). Each
+    `annotations` record has `class` (1-based) and `fname`. 8,144 train / 8,041 test, 196 classes."""
+    nb_classes = 196
+
+    def __init__(self, root, is_train=True, transform=None):
+        base = _locate(root, 'devkit', 'stanford_cars')
+        if is_train:
+            mat_path = os.path.join(base, 'devkit', 'cars_train_annos.mat')
+        else:
+            mat_path = os.path.join(base, 'cars_test_annos_withlabels.mat')
+            if not os.path.exists(mat_path):
+                mat_path = os.path.join(base, 'devkit', 'cars_test_annos_withlabels.mat')
+        images = _require(os.path.join(base, 'cars_train' if is_train else 'cars_test'), 'Stanford Cars images')
+        annotations = _mat_field(_loadmat(mat_path, 'Stanford Cars annotations'), 'annotations', mat_path)
+        try:
+            samples = [(os.path.join(images, str(a['fname'])), int(a['class']) - 1) for a in annotations]
+        except (ValueError, IndexError, KeyError) as e:
+            raise DatasetLayoutError(f"{mat_path}: annotations need 'class' and 'fname' fields ({e})") from None
+        super().__init__(samples, transform)
+
+
+class StanfordDogs(_ImageList):
+    """Stanford Dogs: `<root>[/StanfordDogs]/{train_list.mat, test_list.mat, Images/}`; `annotation_list` holds
+    `<synset-breed>/<id>` (+ '.jpg' under Images/), `labels` are 1-based. Uncropped images. 12,000 / 8,580, 120
+    classes."""
+    nb_classes = 120
+
+    def __init__(self, root, is_train=True, transform=None):
+        base = _locate(root, 'train_list.mat', 'StanfordDogs')
+        mat_path = os.path.join(base, 'train_list.mat' if is_train else 'test_list.mat')
+        mat = _loadmat(mat_path, 'Stanford Dogs split list')
+        names = _mat_field(mat, 'annotation_list', mat_path)
+        labels = _mat_field(mat, 'labels', mat_path)
+        images = _require(os.path.join(base, 'Images'), 'Stanford Dogs Images/ folder')
+        samples = [(os.path.join(images, str(n) + '.jpg'), int(l) - 1) for n, l in zip(names, labels)]
+        super().__init__(samples, transform)
+
+
+class Flowers102(_ImageList):
+    """Oxford Flowers-102: `<root>[/flowers-102]/{jpg/image_%05d.jpg, imagelabels.mat, setid.mat}`; train = `trnid`
+    (1,020; the `valid` ids are not added, as in torchvision), test = `tstid` (6,149); labels 1-based."""
+    nb_classes = 102
+
+    def __init__(self, root, is_train=True, transform=None):
+        base = _locate(root, 'setid.mat', 'flowers-102')
+        setid_path = os.path.join(base, 'setid.mat')
+        ids = _mat_field(_loadmat(setid_path, 'Flowers-102 setid.mat'), 'trnid' if is_train else 'tstid', setid_path)
+        labels_path = os.path.join(base, 'imagelabels.mat')
+        labels = _mat_field(_loadmat(labels_path, 'Flowers-102 imagelabels.mat'), 'labels', labels_path)
+        images = _require(os.path.join(base, 'jpg'), 'Flowers-102 jpg/ folder')
+        try:
+            samples = [(os.path.join(images, f'image_{int(i):05d}.jpg'), int(labels[int(i) - 1]) - 1) for i in ids]
+        except IndexError:
+            raise DatasetLayoutError(f'{setid_path}: an image id exceeds the {len(labels)} labels of '
+                                     f'{labels_path}') from None
+        super().__init__(samples, transform)
+
+
+class INat2017(_ImageList):
+    """iNaturalist 2017 as TransFG reads it: `<root>/{train2017.json, val2017.json, train_val_images/}`; the i-th
+    annotation's `category_id` labels the i-th image (file names relative to root). 5,089 classes."""
+    nb_classes = 5089
+
+    def __init__(self, root, is_train=True, transform=None):
+        _require(os.path.join(root, 'train_val_images'), 'iNaturalist 2017 train_val_images/ folder')
+        path = os.path.join(root, ('train' if is_train else 'val') + '2017.json')
+        with open(_require(path, 'iNaturalist 2017 annotations')) as f:
+            data = json.load(f)
+        try:
+            samples = [(os.path.join(root, img['file_name']), int(ann['category_id']))
+                       for img, ann in zip(data['images'], data['annotations'])]
+        except (KeyError, TypeError) as e:
+            raise DatasetLayoutError(f'{path}: not the iNaturalist 2017 json layout ({e!r})') from None
+        super().__init__(samples, transform)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Embedded and generated data sets (no files needed)
 
 
@@ -295,7 +471,9 @@ def build_dataset(is_train, args, transform=None):
     raise DatasetLayoutError(f'unknown --data-set {args.data_set!r}; expected one of {", ".join(DATA_SETS)}')
 
 
-FINE_GRAINED = {}  # filled below as the fine-grained readers land
+# --data-set names (ours, and TAVT's --dataset spellings upper-cased) of the readers taking (root, is_train, transform)
+FINE_GRAINED = {'CUB': CUB, 'CUB_200_2011': CUB, 'CARS': StanfordCars, 'CAR': StanfordCars, 'DOGS': StanfordDogs,
+                'DOG': StanfordDogs, 'FLOWERS': Flowers102, 'NABIRDS': NABirds, 'INAT2017': INat2017}
 DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CUB', 'CARS', 'DOGS', 'FLOWERS', 'NABIRDS', 'INAT', 'INAT18', 'INAT19',
              'INAT2017', 'DIGITS', 'FAKE')
 

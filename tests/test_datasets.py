@@ -189,3 +189,131 @@ def test_loaders_distributed_samplers(monkeypatch):
     lt, lv = build_loaders(args, train, val)
     assert type(lt.sampler) is torch.utils.data.DistributedSampler
     assert type(lv.sampler) is torch.utils.data.DistributedSampler and not lv.sampler.shuffle
+
+
+# ------------------------------------------------------------------ fine-grained layouts
+
+
+def _cub_style(base, entries):
+    """entries: (image id, relative path, class id, is_train); writes the three metadata files and the images."""
+    (base / 'images.txt').parent.mkdir(parents=True, exist_ok=True)
+    (base / 'images.txt').write_text(''.join(f'{i} {p}\n' for i, p, _, _ in entries))
+    (base / 'image_class_labels.txt').write_text(''.join(f'{i} {c}\n' for i, _, c, _ in entries))
+    (base / 'train_test_split.txt').write_text(''.join(f'{i} {t}\n' for i, _, _, t in entries))
+    for _, p, _, _ in entries:
+        write_jpg(str(base / 'images' / p))
+
+
+@pytest.mark.parametrize('parent_level', [True, False])  # ToCom passes the parent folder, TAVT the folder itself
+def test_cub(tmp_path, parent_level):
+    base = tmp_path / 'CUB_200_2011'
+    _cub_style(base, [(1, '001.Black_footed_Albatross/a.jpg', 1, 1), (2, '001.Black_footed_Albatross/b.jpg', 1, 0),
+                      (3, '200.Common_Yellowthroat/c.jpg', 200, 1)])
+    args = make_args(data_set='CUB', data_path=str(tmp_path if parent_level else base), input_size=48)
+    train, nb = build_dataset(True, args)
+    test, _ = build_dataset(False, args)
+    assert nb == 200 and len(train) == 2 and len(test) == 1
+    assert train.samples[1] == (str(base / 'images' / '200.Common_Yellowthroat/c.jpg'), 199)
+    assert test.targets == [0] and train[1][0].shape == (3, 48, 48)
+
+
+def test_nabirds_maps_sparse_ids_in_ascending_order(tmp_path):
+    base = tmp_path / 'nabirds'
+    _cub_style(base, [('aa-1', '0817/x.jpg', 817, 1), ('bb-2', '0295/y.jpg', 295, 1), ('cc-3', '1000/z.jpg', 1000, 0),
+                      ('dd-4', '0295/w.jpg', 295, 0)])
+    args = make_args(data_set='NABIRDS', data_path=str(tmp_path))
+    train, nb = build_dataset(True, args)
+    test, _ = build_dataset(False, args)
+    assert nb == 555 and train.targets == [1, 0] and test.targets == [2, 0]
+
+
+def _cars_annotations(files_classes):
+    dtype = [('bbox_x1', 'O'), ('bbox_y1', 'O'), ('bbox_x2', 'O'), ('bbox_y2', 'O'), ('class', 'O'), ('fname', 'O')]
+    return {'annotations': np.array([(1, 2, 30, 40, c, f) for f, c in files_classes], dtype=dtype)}
+
+
+@pytest.mark.parametrize('layout', ['torchvision', 'transfg'])
+def test_stanford_cars(tmp_path, layout):
+    import scipy.io
+    base = tmp_path / 'stanford_cars' if layout == 'torchvision' else tmp_path / 'car'
+    (base / 'devkit').mkdir(parents=True)
+    scipy.io.savemat(str(base / 'devkit' / 'cars_train_annos.mat'),
+                     _cars_annotations([('00001.jpg', 1), ('00002.jpg', 196), ('00003.jpg', 5)]))
+    test_mat = base / ('cars_test_annos_withlabels.mat' if layout == 'torchvision'
+                       else 'devkit/cars_test_annos_withlabels.mat')
+    scipy.io.savemat(str(test_mat), _cars_annotations([('00001.jpg', 7)]))
+    scipy.io.savemat(str(base / 'devkit' / 'cars_meta.mat'),
+                     {'class_names': np.array(['AM General Hummer SUV 2000'] * 196, dtype=object)})
+    for split, n in (('cars_train', 3), ('cars_test', 1)):
+        for i in range(1, n + 1):
+            write_jpg(str(base / split / f'{i:05d}.jpg'))
+    root = tmp_path if layout == 'torchvision' else base
+    args = make_args(data_set='CARS', data_path=str(root), input_size=48)
+    train, nb = build_dataset(True, args)
+    test, _ = build_dataset(False, args)
+    assert nb == 196 and train.targets == [0, 195, 4] and test.targets == [6]
+    assert train.samples[1][0] == str(base / 'cars_train' / '00002.jpg') and test[0][0].shape == (3, 48, 48)
+
+
+def test_stanford_dogs(tmp_path):
+    import scipy.io
+    base = tmp_path / 'StanfordDogs'
+    train = [('n02085620-Chihuahua/n02085620_10074', 1), ('n02116738-African_hunting_dog/n02116738_1', 120)]
+    test = [('n02085620-Chihuahua/n02085620_7', 1)]
+    for name, entries in (('train_list.mat', train), ('test_list.mat', test)):
+        base.mkdir(exist_ok=True)
+        scipy.io.savemat(str(base / name), {
+            'annotation_list': np.array([[n] for n, _ in entries], dtype=object),
+            'file_list': np.array([[n + '.jpg'] for n, _ in entries], dtype=object),
+            'labels': np.array([[float(l)] for _, l in entries])})
+        for n, _ in entries:
+            write_jpg(str(base / 'Images' / (n + '.jpg')))
+    args = make_args(data_set='DOGS', data_path=str(tmp_path), input_size=48)
+    ds, nb = build_dataset(True, args)
+    assert nb == 120 and ds.targets == [0, 119] and len(build_dataset(False, args)[0]) == 1
+    assert ds.samples[1][0] == str(base / 'Images' / 'n02116738-African_hunting_dog/n02116738_1.jpg')
+    assert ds[1][0].shape == (3, 48, 48)
+
+
+def test_flowers102(tmp_path):
+    import scipy.io
+    base = tmp_path / 'flowers-102'
+    base.mkdir()
+    scipy.io.savemat(str(base / 'imagelabels.mat'), {'labels': np.array([[77, 1, 102, 5, 5]])})
+    scipy.io.savemat(str(base / 'setid.mat'), {'trnid': np.array([[1, 3]]), 'valid': np.array([[2]]),
+                                                 'tstid': np.array([[4, 5]])})
+    for i in range(1, 6):
+        write_jpg(str(base / 'jpg' / f'image_{i:05d}.jpg'))
+    args = make_args(data_set='FLOWERS', data_path=str(tmp_path), input_size=48)
+    train, nb = build_dataset(True, args)
+    test, _ = build_dataset(False, args)
+    assert nb == 102 and train.targets == [76, 101] and test.targets == [4, 4]
+    assert train.samples[1][0] == str(base / 'jpg' / 'image_00003.jpg')
+
+
+def test_inat2017(tmp_path):
+    imgs = [{'id': 7, 'file_name': 'train_val_images/Plantae/Sp_a/1.jpg'},
+            {'id': 8, 'file_name': 'train_val_images/Aves/Sp_b/2.jpg'}]
+    anns = [{'image_id': 7, 'category_id': 12}, {'image_id': 8, 'category_id': 5088}]
+    (tmp_path / 'train2017.json').write_text(json.dumps({'images': imgs, 'annotations': anns}))
+    (tmp_path / 'val2017.json').write_text(json.dumps({'images': imgs[:1], 'annotations': anns[:1]}))
+    for im in imgs:
+        write_jpg(str(tmp_path / im['file_name']))
+    args = make_args(data_set='INAT2017', data_path=str(tmp_path), input_size=48)
+    train, nb = build_dataset(True, args)
+    assert nb == 5089 and train.targets == [12, 5088] and train[1][0].shape == (3, 48, 48)
+    assert len(build_dataset(False, args)[0]) == 1
+
+
+def test_fine_grained_layout_errors(tmp_path):
+    for name, expected in (('CUB', 'images.txt'), ('CARS', 'devkit'), ('DOGS', 'train_list.mat'),
+                           ('FLOWERS', 'setid.mat'), ('NABIRDS', 'images.txt'), ('INAT2017', 'train_val_images')):
+        with pytest.raises(DatasetLayoutError, match=expected) as e:
+            build_dataset(True, make_args(data_set=name, data_path=str(tmp_path)))
+        assert str(tmp_path) in str(e.value)
+    # a .mat without the expected entry names the entry and the file
+    import scipy.io
+    (tmp_path / 'flowers-102' / 'jpg').mkdir(parents=True)
+    scipy.io.savemat(str(tmp_path / 'flowers-102' / 'setid.mat'), {'trainid': np.array([[1]])})
+    with pytest.raises(DatasetLayoutError, match="setid.mat: no 'trnid' entry"):
+        build_dataset(True, make_args(data_set='FLOWERS', data_path=str(tmp_path)))
