@@ -60,7 +60,8 @@ class Evolution:
     test accuracy (a fraction)."""
 
     def __init__(self, macs_fn, evaluate_fn, num_layers, max_seq_length, lower_constraint=0, upper_constraint=None,
-                 max_tries=1000):
+                 max_tries=1000, write=True):
+        self.write = write  # only rank 0 writes the TSV files under torchrun
         self.macs_fn = macs_fn
         self.evaluate_fn = evaluate_fn
         self.num_layers = num_layers
@@ -206,9 +207,10 @@ class Evolution:
             _logger.info(f"| >>>>>>>> {' | '.join(f'{k} {v}' for k, v in results.items())}")
             for gene in parents:
                 _logger.info("| " + store2str(gene, *self.store[gene][:3]))
-            self.save_store(os.path.join(out_dir, f'store-iter{i}.tsv'))
-            self.save_population(os.path.join(out_dir, f'population-iter{i}.tsv'), population)
-            self.save_population(os.path.join(out_dir, f'parents-iter{i}.tsv'), parents)
+            if self.write:
+                self.save_store(os.path.join(out_dir, f'store-iter{i}.tsv'))
+                self.save_population(os.path.join(out_dir, f'population-iter{i}.tsv'), population)
+                self.save_population(os.path.join(out_dir, f'parents-iter{i}.tsv'), parents)
             if i == evo_iter:
                 break
             self.grow(self.mutate, mutation_size, mutation_prob)
