@@ -1,0 +1,174 @@
+"""tools/flops.py and tools/benchmark.py hooks for A-ViT.
+
+FLOPs are data dependent: each image's MACs follow from its per-token depth counters (block l computes the tokens of
+depth >= l), in the project's convention (shared.flops.vit_macs), averaged over the evaluated images:
+
+    python tools/flops.py --method avit --model avit_tiny_patch16_224 --finetune tiny-10-30.pth --data-path IMAGENET
+    python tools/flops.py --method avit --model avit_small_patch16_224 --full-depth        # 4.599 (= DeiT-S)
+
+The benchmark times the zipped inference path (halted tokens removed) against the same weights run as a plain timm
+DeiT, in one run, at batch 1 and batch 64, and compares the speed-up with the FLOPs reduction of those images:
+
+    python tools/benchmark.py --method avit --model avit_tiny_patch16_224 [--finetune CKPT] [--device cuda]
+"""
+import argparse
+import os
+
+import torch
+
+from avit.engine_act import per_image_macs
+from avit.main_act import gates_from_file_name, load_start_point
+from avit.models_act import avit_models
+from shared.distributed import resolve_device
+from shared.flops import model_macs
+from shared.models import create_model
+
+
+def _add_model_args(parser, gate_scale, gate_center):
+    parser.add_argument('--model', default='avit_tiny_patch16_224', choices=sorted(avit_models))
+    parser.add_argument('--finetune', '--checkpoint', dest='finetune', default='',
+                        help='A-ViT (or DeiT) checkpoint; random weights when empty')
+    parser.add_argument('--gate_scale', type=float, default=None,
+                        help=f'default: from the checkpoint name <name>-<scale>-<center>.pth, else {gate_scale}')
+    parser.add_argument('--gate_center', type=float, default=None,
+                        help=f'default: from the checkpoint name, else {gate_center}')
+    parser.add_argument('--input-size', default=224, type=int)
+    parser.add_argument('--nb-classes', default=None, type=int, help='head size (default: the data set\'s or 1000)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--seed', default=0, type=int)
+
+
+def _build(args, default_gates, num_classes=1000):
+    scale, center = default_gates
+    parsed = gates_from_file_name(args.finetune) if args.finetune else None
+    if parsed is not None:
+        scale, center = parsed
+    scale = args.gate_scale if args.gate_scale is not None else scale
+    center = args.gate_center if args.gate_center is not None else center
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, avit_models, num_classes=args.nb_classes or num_classes,
+                         img_size=args.input_size, gate_scale=scale, gate_center=center)
+    if args.finetune:
+        load_start_point(model, args.finetune, '--finetune')
+    print(f'{args.model}: gate_scale {scale}, gate_center {center}, '
+          f'weights {args.finetune or "random (seed %d)" % args.seed}')
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def add_flops_args(parser):
+    _add_model_args(parser, 10., 30.)
+    parser.add_argument('--data-set', default='IMNET', help='any shared.datasets name (IMNET, DIGITS, FAKE, ...)')
+    parser.add_argument('--data-path', default='', help='data root (val split is used)')
+    parser.add_argument('--batch-size', default=64, type=int)
+    parser.add_argument('--num-images', default=0, type=int, help='evaluate only the first N images (0: all)')
+    parser.add_argument('--num_workers', default=0, type=int)
+    parser.add_argument('--full-depth', action='store_true', help='every token through every block (no data)')
+
+
+def _data_args(args):
+    from avit.main_act import get_args_parser
+    data_args = get_args_parser(add_help=False).parse_args([])
+    for k in ('data_set', 'data_path', 'input_size', 'batch_size', 'num_workers'):
+        setattr(data_args, k, getattr(args, k))
+    return data_args
+
+
+@torch.no_grad()
+def mean_gflops(model, data_loader, device, num_images=0):
+    """GFLOPs per image averaged over the loader's images, and the mean token depth."""
+    total, depth, seen = 0.0, 0.0, 0
+    for images, _ in data_loader:
+        if num_images:
+            images = images[:num_images - seen]
+        model(images.to(device))
+        cnt = model.counter_token
+        total += float(per_image_macs(model, cnt).sum())
+        depth += float(cnt.float().mean(dim=1).sum())
+        seen += len(images)
+        if num_images and seen >= num_images:
+            break
+    if not seen:
+        raise SystemExit('no images to evaluate (empty data set?)')
+    return total / seen / 1e9, depth / seen, seen
+
+
+def flops(args):
+    device = resolve_device(args.device)
+    if args.full_depth:
+        model = _build(args, (10., 30.))
+        return model_macs(model) / 1e9
+    from shared.datasets import build_dataset
+    dataset, nb_classes = build_dataset(is_train=False, args=_data_args(args))
+    model = _build(args, (10., 30.), nb_classes).to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.num_workers)
+    gflops, depth, seen = mean_gflops(model, loader, device, args.num_images)
+    print(f'mean token depth {depth:.3f} / {len(model.blocks)} over {seen} images; full depth '
+          f'{model_macs(model) / 1e9:.3f} GFLOPs')
+    return gflops
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def add_benchmark_args(parser):
+    # With random weights the original parser's default gates (100, 3) give tokens of every depth 1..12
+    # (mean ~6), a realistic mix for timing; pass a trained checkpoint for real figures.
+    _add_model_args(parser, 100., 3.)
+    parser.add_argument('--batch-sizes', default=[1, 64], type=int, nargs='+')
+    parser.add_argument('--runs', default=10, type=int)
+    parser.add_argument('--warmup', default=3, type=int)
+    parser.add_argument('--threads', default=0, type=int, help='torch CPU threads (0: leave as is)')
+
+
+def benchmark(args):
+    import timm
+    from shared.benchmark import throughput
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    model = _build(args, (100., 3.)).to(device)
+    plain_name = {'avit_tiny_patch16_224': 'vit_tiny_patch16_224',
+                  'avit_small_patch16_224': 'vit_small_patch16_224'}[args.model]
+    deit = timm.create_model(plain_name, pretrained=False, num_classes=model.num_classes, img_size=args.input_size)
+    deit.load_state_dict(model.state_dict())
+    deit.to(device).eval()
+    full = model_macs(model) / 1e9
+    results = {'model': args.model, 'device': str(device), 'full_gflops': full, 'rows': []}
+
+    def zipped(m, x):
+        m.zip_tokens = True
+        return m(x)
+
+    def masked(m, x):
+        m.zip_tokens = False
+        return m(x)
+
+    print(f'{"batch":>5} {"depth":>6} {"GFLOPs":>7} {"FLOPs x":>8} {"DeiT img/s":>11} {"masked img/s":>13} '
+          f'{"zipped img/s":>13} {"speed-up":>9} {"/ FLOPs x":>9}')
+    for bs in args.batch_sizes:
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(bs, 3, args.input_size, args.input_size, generator=g)
+        with torch.no_grad():
+            masked(model, x.to(device))
+        avit_gflops = float(per_image_macs(model, model.counter_token).mean()) / 1e9
+        depth = float(model.counter_token.float().mean())
+        reduction = full / avit_gflops
+        kw = dict(input_size=x.shape[1:], device=device, runs=args.runs, warmup=args.warmup, inputs=x)
+        deit_ips = throughput(deit, **kw)
+        masked_ips = throughput(model, forward=masked, **kw)
+        zipped_ips = throughput(model, forward=zipped, **kw)
+        speedup = zipped_ips / deit_ips
+        row = dict(batch_size=bs, mean_depth=depth, gflops=avit_gflops, flops_reduction=reduction,
+                   deit_img_s=deit_ips, masked_img_s=masked_ips, zipped_img_s=zipped_ips, speedup=speedup,
+                   speedup_over_flops_reduction=speedup / reduction)
+        results['rows'].append(row)
+        print(f'{bs:>5} {depth:>6.2f} {avit_gflops:>7.3f} {reduction:>8.2f} {deit_ips:>11.1f} {masked_ips:>13.1f} '
+              f'{zipped_ips:>13.1f} {speedup:>9.2f} {speedup / reduction:>9.2f}')
+    model.zip_tokens = False
+    return results
