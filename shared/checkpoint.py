@@ -257,3 +257,147 @@ def load_weights(model, state_dict, strict=True, source='state dict'):
 
 def _short(items, limit=8):
     return ', '.join(items[:limit]) + (f', ... (+{len(items) - limit} more)' if len(items) > limit else '')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversions into timm's ViT key layout
+
+
+def _state_dict_of(obj):
+    """The tensor dict inside a checkpoint: DeiT/MAE `{'model': ...}`, `{'state_dict': ...}`, or the dict itself."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'expected a state dict or a checkpoint dict, got {type(obj).__name__}')
+    for key in ('model', 'state_dict', 'module'):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"no tensors found (top-level keys: {sorted(obj)[:10]}); expected a state dict or "
+                              "{'model': state_dict}")
+    return tensors
+
+
+# MAE pre-training checkpoints also carry the decoder and the mask token; the fine-tuned ones do not. Neither is
+# part of a classifier.
+_MAE_PRETRAIN_ONLY = ('decoder_', 'mask_token')
+
+
+def to_timm_state_dict(obj, model=None, pos_embed_mode='bicubic', align_corners=False):
+    """Convert DeiT `.pth` ({'model': ...}), plain timm state dicts, DDP `module.`-prefixed dicts and MAE fine-tuned
+    checkpoints ({'model': ...} with `fc_norm.*` instead of `norm.*`, matching timm's ViT with global_pool='avg')
+    into timm's ViT key layout. With `model`, the position embedding is resized to the model's grid when it
+    differs."""
+    state_dict = dict(_state_dict_of(obj))
+    while state_dict and all(k.startswith('module.') for k in state_dict):
+        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    state_dict = {k.replace('module.', '', 1) if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_MAE_PRETRAIN_ONLY)}
+    if model is not None:
+        _fit_pos_embed(state_dict, model, pos_embed_mode, align_corners)
+    return state_dict
+
+
+def _fit_pos_embed(state_dict, model, mode, align_corners):
+    pos = state_dict.get('pos_embed')
+    target = getattr(model, 'pos_embed', None)
+    if pos is None or target is None or tuple(pos.shape) == tuple(target.shape):
+        return
+    prefix = 0 if getattr(model, 'no_embed_class', False) else getattr(model, 'num_prefix_tokens', 1)
+    grid = model.patch_embed.grid_size
+    state_dict['pos_embed'] = resize_pos_embed(pos, grid, prefix, mode=mode, align_corners=align_corners)
+
+
+def resize_pos_embed(posemb, new_grid, num_prefix_tokens=1, mode='bicubic', align_corners=False, antialias=False):
+    """Resample a (1, prefix + g*g, D) position embedding to `new_grid` (int or (h, w)), keeping the prefix (class,
+    distillation) rows. DeiT/timm use bicubic, align_corners=False; ViT-pytorch/TAVT's scipy zoom(order=1) equals
+    bilinear with align_corners=True."""
+    if isinstance(new_grid, int):
+        new_grid = (new_grid, new_grid)
+    new_grid = tuple(int(g) for g in new_grid)
+    prefix, grid_tokens = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    old = int(round(grid_tokens.shape[1] ** 0.5))
+    if old * old != grid_tokens.shape[1]:
+        raise CheckpointError(f'position embedding with {grid_tokens.shape[1]} grid tokens (after '
+                              f'{num_prefix_tokens} prefix tokens) is not a square grid')
+    if (old, old) == new_grid:
+        return posemb
+    dim = grid_tokens.shape[-1]
+    dtype = grid_tokens.dtype
+    grid_tokens = grid_tokens.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    kwargs = {} if mode == 'nearest' else {'align_corners': align_corners}
+    grid_tokens = torch.nn.functional.interpolate(grid_tokens, size=new_grid, mode=mode, antialias=antialias,
+                                                  **kwargs)
+    grid_tokens = grid_tokens.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)
+    return torch.cat([prefix, grid_tokens], dim=1)
+
+
+def load_npz(path):
+    """A Google ViT `.npz` as a dict of numpy arrays (allow_pickle off: an .npz cannot smuggle objects)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:
+        raise CheckpointError(f'{path}: not a readable .npz ({str(e).splitlines()[0] if str(e) else e!r})') from None
+
+
+def npz_to_timm_state_dict(npz, model, pos_embed_mode='bilinear', align_corners=True, load_head=None):
+    """Google ViT `.npz` (key layout in specs/tavt.md §3.4; also with an `opt/target/` prefix) -> timm ViT state
+    dict for `model`. The position embedding is resized to the model grid with `pos_embed_mode` (default: TAVT's
+    scipy-zoom equivalent). The head is taken when its shape fits the model (or as `load_head` says);
+    `pre_logits` is ignored."""
+    w = load_npz(npz) if isinstance(npz, (str, os.PathLike)) else dict(npz)
+    prefix = next((p for p in ('', 'opt/target/', 'params/') if f'{p}embedding/kernel' in w), None)
+    if prefix is None:
+        raise CheckpointError("not a Google ViT .npz: no 'embedding/kernel' entry "
+                              f"(has {sorted(w)[:6]}{' ...' if len(w) > 6 else ''})")
+
+    def get(key, transpose=True):
+        full = prefix + key
+        if full not in w:
+            raise CheckpointError(f"Google ViT .npz lacks '{full}' needed by {type(model).__name__}")
+        a = w[full]
+        if transpose:
+            a = {4: lambda x: x.transpose(3, 2, 0, 1), 2: lambda x: x.T}.get(a.ndim, lambda x: x)(a)
+        return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+    sd = {'patch_embed.proj.weight': get('embedding/kernel'), 'patch_embed.proj.bias': get('embedding/bias'),
+          'cls_token': get('cls', False),
+          'pos_embed': get('Transformer/posembed_input/pos_embedding', False),
+          'norm.weight': get('Transformer/encoder_norm/scale'), 'norm.bias': get('Transformer/encoder_norm/bias')}
+    for i in range(len(model.blocks)):
+        blk = f'Transformer/encoderblock_{i}/'
+        att = blk + 'MultiHeadDotProductAttention_1/'
+        qkv_w = [get(f'{att}{n}/kernel', False).flatten(1).T for n in ('query', 'key', 'value')]  # (D,H,d)->(Hd,D)
+        qkv_b = [get(f'{att}{n}/bias', False).flatten() for n in ('query', 'key', 'value')]
+        sd.update({
+            f'blocks.{i}.norm1.weight': get(blk + 'LayerNorm_0/scale'), f'blocks.{i}.norm1.bias': get(blk + 'LayerNorm_0/bias'),
+            f'blocks.{i}.attn.qkv.weight': torch.cat(qkv_w), f'blocks.{i}.attn.qkv.bias': torch.cat(qkv_b),
+            f'blocks.{i}.attn.proj.weight': get(att + 'out/kernel', False).flatten(0, 1).T,  # (H,d,D)->(D,Hd)
+            f'blocks.{i}.attn.proj.bias': get(att + 'out/bias'),
+            f'blocks.{i}.norm2.weight': get(blk + 'LayerNorm_2/scale'), f'blocks.{i}.norm2.bias': get(blk + 'LayerNorm_2/bias'),
+            f'blocks.{i}.mlp.fc1.weight': get(blk + 'MlpBlock_3/Dense_0/kernel'),
+            f'blocks.{i}.mlp.fc1.bias': get(blk + 'MlpBlock_3/Dense_0/bias'),
+            f'blocks.{i}.mlp.fc2.weight': get(blk + 'MlpBlock_3/Dense_1/kernel'),
+            f'blocks.{i}.mlp.fc2.bias': get(blk + 'MlpBlock_3/Dense_1/bias'),
+        })
+    head = getattr(model, 'head', None)
+    if prefix + 'head/kernel' in w and isinstance(head, torch.nn.Linear):
+        head_w = get('head/kernel')
+        fits = tuple(head_w.shape) == tuple(head.weight.shape)
+        if load_head or (load_head is None and fits):
+            sd['head.weight'], sd['head.bias'] = head_w, get('head/bias')
+    _fit_pos_embed(sd, model, pos_embed_mode, align_corners)
+    return sd
+
+
+def convert_checkpoint(src, model, pos_embed_mode=None, align_corners=None):
+    """Any supported file (`.npz`, DeiT/timm/MAE `.pth`) -> timm state dict fitted to `model`."""
+    src = os.fspath(src)
+    if src.endswith('.npz'):
+        return npz_to_timm_state_dict(src, model, pos_embed_mode or 'bilinear',
+                                      True if align_corners is None else align_corners)
+    return to_timm_state_dict(safe_load(src), model, pos_embed_mode or 'bicubic', bool(align_corners))
