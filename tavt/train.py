@@ -186,7 +186,7 @@ class Precision:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         with warnings.catch_warnings():  # the order is deliberate: update k uses step k's factor, as the original
-            warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler.step()`')
+            warnings.filterwarnings('ignore', message='Detected call of')
             scheduler.step()
         if self.apex is None:
             self.scaler.step(self.optimizer)

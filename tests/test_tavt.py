@@ -1,8 +1,12 @@
 """TAVT: patch drop, samplers, MACs, search bookkeeping (tiny random-weight models, CPU)."""
 import math
+import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tavt.length_drop import sample_layer_configuration, sample_length_configuration
 from tavt.models.modeling import GeneError, build_model, gene_macs, select_tokens
@@ -130,3 +134,95 @@ def test_macs_match_flop_counter_on_tiny_model():
     c = model.config.hidden_size
     # the counter sees the patch embedding without the class slot the project's convention counts
     assert abs(counted - (gene_macs(model, gene) - c * 3 * 16 * 16)) < 1
+
+
+# ---- npz loading, checkpoints, entry script
+
+def _tiny_from_npz(path, img_size, zero_head=True, num_classes=10):
+    model = build_model('tiny-test', img_size, num_classes, zero_head=zero_head)
+    model.load_from(path)
+    return model.eval()
+
+
+def test_npz_equals_timm_loader(tmp_path):
+    import timm
+    from timm.models.vision_transformer import _load_weights
+    from tavt_helpers import write_random_npz
+    path = str(tmp_path / 'w.npz')
+    write_random_npz(path, grid=4, num_classes=10)
+    ours = _tiny_from_npz(path, 64, zero_head=False)
+    ref = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=12,
+                                                           num_heads=2, mlp_ratio=2.0, num_classes=10).eval()
+    _load_weights(ref, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-5
+
+
+def test_npz_posembed_resize_is_bilinear_align_corners(tmp_path):
+    import numpy as np
+    from scipy import ndimage
+    from tavt_helpers import write_random_npz
+    path = str(tmp_path / 'w.npz')
+    arrays = write_random_npz(path, grid=2)
+    model = _tiny_from_npz(path, 64)  # grid 2 -> 4
+    grid = arrays['Transformer/posembed_input/pos_embedding'][0, 1:].reshape(2, 2, -1)
+    expected = ndimage.zoom(grid, (2, 2, 1), order=1).reshape(16, -1)  # the original's resampling
+    got = model.transformer.embeddings.position_embeddings[0, 1:].detach().numpy()
+    assert np.abs(got - expected).max() < 1e-5
+    assert torch.count_nonzero(model.head.weight) == 0  # zero_head: the npz head is ignored
+
+
+def test_npz_of_another_architecture_names_keys(tmp_path):
+    from tavt.models.npz import NpzMismatchError
+    from tavt_helpers import write_random_npz
+    path = str(tmp_path / 'w.npz')
+    write_random_npz(path, hidden=48, heads=2, mlp=64, grid=4)
+    with pytest.raises(NpzMismatchError, match='patch_embeddings.weight'):
+        _tiny_from_npz(path, 64)
+    write_random_npz(path, layers=6, grid=4)
+    with pytest.raises(NpzMismatchError, match='6 encoder blocks'):
+        _tiny_from_npz(path, 64)
+
+
+def _run(tmp_path, monkeypatch, *extra):
+    from tavt import train
+    monkeypatch.chdir(tmp_path)
+    train.main(['--model_type', 'tiny-test', '--pretrained_dir', 'w.npz', '--data_root', 'data', '--img_size', '64',
+                '--max_seq_length', '17', '--train_batch_size', '4', '--eval_batch_size', '4', '--num_workers', '0',
+                '--warmup_steps', '1', *extra])
+
+
+def test_three_readme_runs_single_process(tmp_path, monkeypatch):
+    from tavt.evolution import DUMMY_BATCH, read_population
+    from tavt.measure import parse_gene
+    from tavt_helpers import write_cub, write_random_npz
+    write_random_npz(str(tmp_path / 'w.npz'), grid=2)
+    write_cub(str(tmp_path / 'data'))
+    _run(tmp_path, monkeypatch, '--name', 'base', '--num_steps', '4', '--eval_every', '2')
+    assert (tmp_path / 'output' / 'base_checkpoint.bin').is_file()
+    _run(tmp_path, monkeypatch, '--name', 'ad', '--num_steps', '6', '--eval_every', '3', '--do_distil',
+         '--pretrained_model', 'output/base_checkpoint.bin')
+    assert (tmp_path / 'output' / 'ad_checkpoint.bin').is_file()
+    _run(tmp_path, monkeypatch, '--name', 'ad', '--do_search', '--pretrained_model', 'output/ad_checkpoint.bin',
+         '--evo_iter', '1', '--population_size', '3', '--mutation_size', '2', '--crossover_size', '2')
+    frontier = read_population(str(tmp_path / 'evo' / 'ad' / 'population-iter1.tsv'))
+    assert frontier[-1][0] == (17,) * 12
+    model = build_model('tiny-test', 64, 200)
+    for gene, macs, score in frontier:
+        assert 0 <= score <= 1
+        assert macs == round(gene_macs(model, gene) * DUMMY_BATCH)
+        assert parse_gene(str(gene), 17, 12) == gene
+    assert [m for _, m, _ in frontier] == sorted(m for _, m, _ in frontier)
+
+
+def test_bad_inputs_stop_clearly(tmp_path, monkeypatch):
+    from tavt_helpers import write_cub, write_random_npz
+    write_random_npz(str(tmp_path / 'w.npz'), grid=2)
+    write_cub(str(tmp_path / 'data'))
+    with pytest.raises(ValueError, match='--max_seq_length 17'):
+        _run(tmp_path, monkeypatch, '--name', 'x', '--max_seq_length', '785')
+    with pytest.raises(FileNotFoundError, match='nope.npz'):
+        _run(tmp_path, monkeypatch, '--name', 'x', '--pretrained_dir', 'nope.npz')
+    with pytest.raises(Exception, match='missing.bin'):
+        _run(tmp_path, monkeypatch, '--name', 'x', '--pretrained_model', 'missing.bin')

@@ -42,22 +42,6 @@ def timm_to_vit_pytorch(state_dict, num_layers):
     return out
 
 
-def resize_position_embedding(posemb, num_tokens):
-    """The original's resize: keep the class row, resample the square grid bilinearly with aligned corners."""
-    import torch.nn.functional as F
-    tok, grid = posemb[:, :1], posemb[0, 1:]
-    gs_old = int(round(grid.shape[0] ** 0.5))
-    gs_new = int(round((num_tokens - 1) ** 0.5))
-    if gs_old * gs_old != grid.shape[0] or gs_new * gs_new != num_tokens - 1:
-        raise NpzMismatchError(f"position embedding of {posemb.shape[1]} tokens cannot be resized to {num_tokens}: "
-                               f"both grids must be square (overlap splits need a square image)")
-    _logger.info("load_pretrained: grid-size from %s to %s", gs_old, gs_new)
-    grid = grid.reshape(1, gs_old, gs_old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(gs_new, gs_new), mode='bilinear', align_corners=True)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, gs_new * gs_new, -1)
-    return torch.cat([tok.float(), grid], dim=1)
-
-
 def _read_npz(weights):
     import numpy as np
     if isinstance(weights, (str, bytes)) or hasattr(weights, '__fspath__'):
@@ -69,33 +53,14 @@ def _read_npz(weights):
     return {k: weights[k] for k in weights.keys()} if not isinstance(weights, dict) else weights
 
 
-def _npz_to_timm(arrays):
-    """The project's converter when it is there; until then timm's own npz loader on a model of the npz's shape."""
-    try:
-        from shared.checkpoint import npz_to_timm_state_dict
-    except ImportError:
-        npz_to_timm_state_dict = None
-    if npz_to_timm_state_dict is not None:
-        return npz_to_timm_state_dict(arrays)
-    import os
-    import tempfile
+def _npz_to_timm(arrays, model):
+    """The project's converter, given the attributes it reads of a timm model (blocks, head); no position-embedding
+    target, so that the resize below is the one that happens."""
+    from types import SimpleNamespace
 
-    import numpy as np
-    from timm.models.vision_transformer import VisionTransformer as TimmViT, _load_weights
-    kernel = arrays['embedding/kernel']
-    q = arrays['Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel']
-    depth = len({k.split('/')[1] for k in arrays if k.startswith('Transformer/encoderblock_')})
-    grid = int(round((arrays['Transformer/posembed_input/pos_embedding'].shape[1] - 1) ** 0.5))
-    mlp = arrays['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'].shape[1]
-    classes = arrays['head/kernel'].shape[1] if 'head/kernel' in arrays else 0
-    net = TimmViT(img_size=grid * kernel.shape[0], patch_size=kernel.shape[0], embed_dim=kernel.shape[3],
-                  depth=depth, num_heads=q.shape[1], mlp_ratio=mlp / kernel.shape[3], num_classes=classes,
-                  qkv_bias=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, 'w.npz')
-        np.savez(path, **arrays)
-        _load_weights(net, path)
-    return net.state_dict()
+    from shared.checkpoint import npz_to_timm_state_dict
+    shim = SimpleNamespace(blocks=[None] * model.num_layers, head=model.head)
+    return npz_to_timm_state_dict(arrays, shim)
 
 
 def load_npz_weights(model, weights):
@@ -104,24 +69,31 @@ def load_npz_weights(model, weights):
     Raises NpzMismatchError naming every key whose shape differs or that is missing."""
     arrays = _read_npz(weights)
     num_layers = model.num_layers
+    from shared.checkpoint import CheckpointError, resize_pos_embed
+    npz_blocks = {k.split('/')[1] for k in arrays if k.startswith('Transformer/encoderblock_')}
+    if len(npz_blocks) != num_layers:
+        raise NpzMismatchError(f"the npz has {len(npz_blocks)} encoder blocks (Transformer/encoderblock_*), the "
+                               f"model {num_layers} (--model_type)")
     try:
-        timm_sd = _npz_to_timm(arrays)
-        state = timm_to_vit_pytorch(timm_sd, num_layers)
-    except KeyError as e:
-        raise NpzMismatchError(f"the npz lacks {e} needed by this {num_layers}-layer model") from None
+        state = timm_to_vit_pytorch(_npz_to_timm(arrays, model), num_layers)
+    except (KeyError, CheckpointError) as e:
+        raise NpzMismatchError(f"the npz does not match this {num_layers}-layer model: {e}") from None
     if model.zero_head or 'head.weight' not in state:
         state['head.weight'] = torch.zeros_like(model.head.weight)
         state['head.bias'] = torch.zeros_like(model.head.bias)
     posemb = state['transformer.embeddings.position_embeddings']
     if posemb.shape[1] != model.num_tokens and posemb.shape[-1] == model.config.hidden_size:
-        state['transformer.embeddings.position_embeddings'] = resize_position_embedding(posemb, model.num_tokens)
+        new_grid = int(round((model.num_tokens - 1) ** 0.5))
+        _logger.info("load_pretrained: resized variant: %s to %d tokens", tuple(posemb.shape), model.num_tokens)
+        try:
+            state['transformer.embeddings.position_embeddings'] = resize_pos_embed(
+                posemb, new_grid, 1, mode='bilinear', align_corners=True)
+        except CheckpointError as e:
+            raise NpzMismatchError(f"position embedding: {e}") from None
     own = model.state_dict()
     problems = [f"{k}: npz {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                 for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     problems += [f"{k}: missing from the npz" for k in own if k not in state]
-    extra_blocks = sorted({k.split('.')[1] for k in timm_sd if k.startswith('blocks.')}, key=int)
-    if len(extra_blocks) != num_layers:
-        problems.append(f"the npz has {len(extra_blocks)} encoder blocks, the model {num_layers}")
     if problems:
         raise NpzMismatchError("the npz does not match the model (--model_type / --img_size):\n  "
                                + "\n  ".join(problems))
