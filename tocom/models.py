@@ -216,3 +216,58 @@ for _size in DEIT_CONFIGS:
     MODELS[f'deit_{_size}_patch16_224_tocom'] = _tocom_builder(_size)
 deit_base_patch16_224 = MODELS['deit_base_patch16_224']
 deit_base_patch16_224_tocom = MODELS['deit_base_patch16_224_tocom']
+
+
+def create_tocom_model(name: str, tocom_scale: float = 0.1, tocom_dim: int = 2 * DEFAULT_STEPS,
+                       tocom_steps: int = DEFAULT_STEPS, **kwargs):
+    """Resolve a model name as ToCom's main does, through shared.models.create_model with this folder's builders:
+
+    - `deit_{tiny,small,base}_patch16_224` -> ToMe-patched DeiT; `..._tocom` -> with the compensator;
+    - any other `<timm ViT>_tocom` -> that timm ViT with ToMe and the compensator (any width);
+    - any other timm name -> the timm model, ToMe-patched when it is a VisionTransformer (e.g. a ViT teacher).
+    """
+    from shared.models import create_model
+    if name in MODELS:
+        if name.endswith('_tocom'):
+            kwargs.update(tocom_scale=tocom_scale, tocom_dim=tocom_dim, tocom_steps=tocom_steps)
+        return create_model(name, MODELS, **kwargs)
+    if name.endswith('_tocom'):
+        base = create_model(name[:-len('_tocom')], MODELS, **kwargs)
+        if not isinstance(base, VisionTransformer):
+            raise ValueError(f'{name}: the compensator needs a timm VisionTransformer, '
+                             f'{name[:-len("_tocom")]} is a {type(base).__name__}')
+        return add_compensator(base, tocom_dim, tocom_scale, tocom_steps)
+    model = create_model(name, MODELS, **kwargs)
+    if isinstance(model, VisionTransformer) and not hasattr(model, '_tome_info'):
+        apply_patch(model, prop_attn=True)
+    return model
+
+
+def load_compensator(model, path):
+    """Load a compensator checkpoint (`{'model': {name: weight}}` with upstream's key names) into a ToCom model,
+    checking that it covers every compensator weight and was trained for this width and number of r-steps."""
+    from shared.checkpoint import CheckpointError, safe_load
+    if not is_tocom(model):
+        raise ValueError(f'--tocom_path {path} needs a model with a compensator (a *_tocom model name)')
+    checkpoint = safe_load(path)
+    state = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
+    state = {k: v for k, v in state.items() if '.q_tocom.' in k or '.v_tocom.' in k}
+    own = compensator_state_dict(model)
+    if not state:
+        raise CheckpointError(f'{path} holds no compensator weights (keys *.q_tocom.* / *.v_tocom.*): '
+                              'is it a ToCom pre-training checkpoint.pth?')
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f'{path} does not fit this model\'s {len(model.blocks)} blocks: missing {missing[:4]}, '
+                              f'unexpected {unexpected[:4]}')
+    comp = model.blocks[0].attn.q_tocom
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            down = state[k.replace('adapter_up', 'adapter_down')] if 'adapter_up' in k else v
+            raise CheckpointError(
+                f'{path} was trained for embedding width {down.shape[1]} with compensator width {down.shape[0]}; '
+                f'this model has width {comp.dim} and compensator width {comp.hidden} '
+                f'({comp.steps} steps x {comp.group}): {k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}')
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,278 @@
+"""ToCom (Token Compensator, ECCV 2024): pre-training, downstream fine-tuning and evaluation, DeiT's main with ToCom's
+flags. Every command of the original README runs with `torchrun --nproc_per_node=N tocom/main.py ...` (or plain
+`python tocom/main.py ...` single-process, CPU included):
+
+    # pre-train the compensator on ImageNet (frozen DeiT-B, self-distillation over random (r_tgt, r_src) pairs)
+    --model deit_base_patch16_224_tocom --finetune deit_base.pth --distillation-type soft --distillation-alpha 1.0
+        --teacher-model deit_base_patch16_224 --teacher-path deit_base.pth --warmup-epochs 0 --lr 1e-3 --r_src -1
+    # downstream off-the-shelf model with ToMe at r = k
+    --model deit_base_patch16_224 --data-set CIFAR --finetune deit_base.pth --r_src k
+    # evaluate it at r_tgt with the compensator r_src -> r_tgt
+    --model deit_base_patch16_224_tocom --data-set CIFAR --finetune best_checkpoint.pth --eval --r_src k --r_tgt t
+        --tocom_scale 0.1 --tocom_path tocom/checkpoint.pth
+"""
+import datetime
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout works too
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.backends.cudnn as cudnn  # noqa: E402
+
+from shared.amp import amp_enabled  # noqa: E402
+from shared.args import deit_parser  # noqa: E402
+from shared.checkpoint import CheckpointError, auto_resume, load_weights, safe_load  # noqa: E402
+from shared.datasets import build_dataset, build_loaders  # noqa: E402
+from shared.distributed import get_rank, init_distributed_mode, save_on_master  # noqa: E402
+from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch  # noqa: E402
+from tocom.engine import make_loss_fn, train_one_epoch  # noqa: E402
+from tocom.models import (DEFAULT_STEPS, create_tocom_model, fold_compensator, is_tocom,  # noqa: E402
+                          load_compensator, set_r)
+
+
+def get_args_parser(add_help=True):
+    parser = deit_parser('ToCom training and evaluation script', add_help=add_help)
+    g = parser.add_argument_group('ToCom')
+    g.add_argument('--tocom_scale', default=0.1, type=float,
+                   help='scale s of the compensation (pre-training and evaluation); 0 disables ToCom')
+    g.add_argument('--tocom_dim', default=2, type=int, help='compensator channels per r-step (width = steps * this)')
+    g.add_argument('--tocom_path', default=None, type=str, help='compensator checkpoint (pre-training checkpoint.pth)')
+    g.add_argument('--r_src', default=0, type=int,
+                   help='-1: ToCom pre-training; k >= 0: ToMe fine-tuning at r = k / the r the evaluated model used')
+    g.add_argument('--r_tgt', default=0, type=int, help='evaluation: the r used for merging')
+    # beyond the original
+    g.add_argument('--tocom_steps', default=DEFAULT_STEPS, type=int,
+                   help='largest r the compensator covers (one step per unit of r; upstream: 16)')
+    g.add_argument('--tocom_fold', action='store_true', default=True,
+                   help='evaluation: fold the compensator into the qkv weights (zero extra FLOPs; default on)')
+    g.add_argument('--no-tocom_fold', action='store_false', dest='tocom_fold')
+    return parser
+
+
+def check_args(args):
+    """Fail early, naming the problem, on settings the original would crash on deep inside the model."""
+    S = args.tocom_steps
+    if args.tocom_dim < 1 or S < 1:
+        raise SystemExit(f'--tocom_dim ({args.tocom_dim}) and --tocom_steps ({S}) must be positive')
+    if not -1 <= args.r_src <= S:
+        raise SystemExit(f'--r_src {args.r_src} is outside the supported range: -1 (pre-training) or 0..{S}')
+    if args.eval and args.r_src == -1:
+        raise SystemExit('--r_src -1 means pre-training; with --eval give the r the downstream model was trained with')
+    if not 0 <= args.r_tgt <= S:
+        raise SystemExit(f'--r_tgt {args.r_tgt} is outside the range the compensator covers (0..{S})')
+    if args.r_src == -1 and not args.eval:
+        if not args.model.endswith('_tocom'):
+            raise SystemExit(f'--r_src -1 (ToCom pre-training) needs a compensator model such as '
+                             f'deit_base_patch16_224_tocom, got --model {args.model}')
+        if args.distillation_type == 'none' or not args.teacher_path:
+            raise SystemExit('--r_src -1 (ToCom pre-training) distils from the plain ToMe model: give '
+                             '--distillation-type soft --teacher-model deit_base_patch16_224 --teacher-path <DeiT>')
+
+
+def load_finetune(model, path, model_name):
+    """DeiT's --finetune: take ['model'], resample the position embedding to this model's grid, drop a classifier
+    of another class count (upstream forgot this, so DeiT's 1000-class head broke every downstream run), load
+    non-strictly."""
+    from timm.layers import resample_abs_pos_embed
+    checkpoint = safe_load(path)
+    state = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    own = model.state_dict()
+    if 'pos_embed' not in state:
+        raise CheckpointError(f'--finetune {path} has no pos_embed: not a ViT checkpoint for {model_name}')
+    if state['pos_embed'].shape != own['pos_embed'].shape:
+        prefix = model.num_prefix_tokens
+        grid = model.patch_embed.grid_size
+        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(grid),
+                                                    num_prefix_tokens=prefix)
+    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
+        if k in state and k in own and state[k].shape != own[k].shape:
+            print(f'Removing key {k} from pretrained checkpoint')
+            del state[k]
+    missing, unexpected = load_weights(model, state, strict=False, source=f'--finetune {path}')
+    missing = [k for k in missing if 'adapter' not in k]
+    if missing:
+        print(f'--finetune {path}: keys left at initialisation: {", ".join(missing[:8])}'
+              + (' ...' if len(missing) > 8 else ''))
+    if unexpected:
+        print(f'--finetune {path}: keys ignored: {", ".join(unexpected[:8])}' + (' ...' if len(unexpected) > 8 else ''))
+
+
+def load_teacher(args, nb_classes, device):
+    print(f'Creating teacher model: {args.teacher_model}')
+    from tocom.models import MODELS
+    # our DeiTs are built at --input-size (upstream always built the teacher at 224, so other sizes failed to load)
+    extra = {'img_size': args.input_size} if args.teacher_model in MODELS else {}
+    teacher = create_tocom_model(args.teacher_model, num_classes=nb_classes, **extra)
+    checkpoint = safe_load(args.teacher_path)
+    state = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
+    load_weights(teacher, state, strict=False, source=f'--teacher-path {args.teacher_path}')
+    teacher.to(device)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher
+
+
+def trainable_state(model):
+    """Upstream's checkpoint.pth payload: every trainable parameter by name (ToCom: the compensator only)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def resume_trainable(args, model, optimizer, lr_scheduler, loss_scaler):
+    """--resume from our checkpoint.pth (trainable weights + optimizer state) or a full state dict. Upstream loaded
+    the adapters-only file strictly and failed; it also never saved the optimizer, so a real resume was impossible."""
+    checkpoint = safe_load(args.resume)
+    state = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state))
+    if missing:
+        raise CheckpointError(f'--resume {args.resume} lacks trainable weights of {args.model}: {missing[:6]}')
+    load_weights(model, state, strict=False, source=f'--resume {args.resume}')
+    if not args.eval and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        args.start_epoch = checkpoint['epoch'] + 1
+        if 'scaler' in checkpoint:
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+        print(f"| resumed from {args.resume}: epoch {checkpoint['epoch']} done, starting epoch {args.start_epoch}")
+    lr_scheduler.step(args.start_epoch)
+
+
+def evaluate_tocom(args, model, data_loader_val, device, amp):
+    """Set the (r_tgt, r_src) schedule, fold the compensator when asked, evaluate."""
+    if is_tocom(model):
+        set_r(model, args.r_tgt, args.r_src)
+        if args.tocom_fold:
+            model = fold_compensator(model, args.r_tgt, args.r_src)
+    else:
+        if args.r_src != args.r_tgt:
+            print(f'note: {args.model} has no compensator; evaluating plain ToMe at r = {args.r_tgt} '
+                  f'(use {args.model}_tocom with --tocom_path for ToCom)')
+        set_r(model, args.r_tgt)
+    return evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
+
+
+def main(args):
+    init_distributed_mode(args)
+    check_args(args)
+    print(args)
+    device = torch.device(args.device)
+
+    seed = args.seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    pair_rng = random.Random(seed)  # the (r_tgt, r_src) draws; upstream left python's random unseeded
+    cudnn.benchmark = True
+
+    dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    dataset_val, _ = build_dataset(is_train=False, args=args)
+    if args.ThreeAugment:
+        from tocom.augment import three_augment_transform
+        dataset_train.transform = three_augment_transform(args)
+    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
+    mixup_fn = build_mixup(args, args.nb_classes)
+
+    print(f'Creating model: {args.model}')
+    model = create_tocom_model(args.model, num_classes=args.nb_classes, drop_rate=args.drop,
+                               drop_path_rate=args.drop_path, img_size=args.input_size,
+                               tocom_scale=args.tocom_scale, tocom_dim=args.tocom_dim * args.tocom_steps,
+                               tocom_steps=args.tocom_steps)
+
+    if args.eval and args.tocom_path:
+        load_compensator(model, args.tocom_path)
+    elif args.eval and is_tocom(model) and args.tocom_scale != 0 and args.r_src != args.r_tgt:
+        print('warning: --eval without --tocom_path: the compensator is untrained (zero), results equal plain ToMe')
+    if args.finetune:
+        load_finetune(model, args.finetune, args.model)
+
+    if args.attn_only:
+        for name, p in model.named_parameters():
+            p.requires_grad = '.attn.' in name
+        for p in model.head.parameters():
+            p.requires_grad = True
+        model.pos_embed.requires_grad = True
+        for p in model.patch_embed.parameters():
+            p.requires_grad = False
+
+    model.to(device)
+    model_ema = None
+    if args.model_ema and not args.eval:
+        from timm.utils import ModelEmaV2
+        # upstream keeps (and updates) an EMA it never evaluates nor saves; kept for fidelity of the flag
+        model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
+                               device='cpu' if args.model_ema_force_cpu else None)
+
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=True)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print('number of params:', n_parameters)
+    amp = amp_enabled(args, device)
+
+    if args.eval:
+        if args.resume:
+            model_without_ddp.load_state_dict(safe_load(args.resume)['model'], strict=False)
+        test_stats = evaluate_tocom(args, model_without_ddp, data_loader_val, device, amp)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return test_stats
+
+    optimizer, loss_scaler, lr_scheduler = build_optimization(args, model_without_ddp, device)
+    teacher = load_teacher(args, args.nb_classes, device) if args.distillation_type != 'none' else None
+    criterion = build_criterion(args, mixup_fn, teacher)
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if auto_resume(args):
+        resume_trainable(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler)
+
+    loss_fn = make_loss_fn(args, criterion, pair_rng, args.tocom_steps)
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    max_accuracy = 0.0
+    test_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed and hasattr(data_loader_train.sampler, 'set_epoch'):
+            data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
+            mixup_fn, set_training_mode=args.train_mode, amp=amp, loss_fn=loss_fn, print_freq=args.print_freq)
+        lr_scheduler.step(epoch)
+        if output_dir:
+            # 'model' holds only trainable weights under upstream's names (an official loader reads just that);
+            # optimizer/scheduler/epoch are added so that --resume really resumes
+            save_on_master({'model': trainable_state(model_without_ddp), 'optimizer': optimizer.state_dict(),
+                            'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch,
+                            'scaler': loss_scaler.state_dict()}, output_dir / 'checkpoint.pth')
+
+        if args.r_src != -1:
+            set_r(model_without_ddp, args.r_src)
+            test_stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
+            print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+            if max_accuracy < test_stats['acc1']:
+                max_accuracy = test_stats['acc1']
+                if output_dir:
+                    save_on_master({'model': model_without_ddp.state_dict()}, output_dir / 'best_checkpoint.pth')
+            print(f'Max accuracy: {max_accuracy:.2f}%')
+            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                         **{f'test_{k}': v for k, v in test_stats.items()},
+                         'epoch': epoch, 'n_parameters': n_parameters}
+            log_epoch(args.output_dir, log_stats)
+
+    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Training time {total_time_str}')
+    return test_stats
+
+
+if __name__ == '__main__':
+    parser = get_args_parser()
+    args = parser.parse_args()
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    main(args)
