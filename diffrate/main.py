@@ -1,0 +1,273 @@
+"""DiffRate: search per-block prune/merge kept-token numbers of a frozen ViT under a FLOPs target, or evaluate a
+schedule (the reference's main.py, on the project's shared modules).
+
+    torchrun --nproc_per_node=4 diffrate/main.py --arch-lr 0.01 --arch-min-lr 0.001 --epoch 3 --batch-size 256 \
+        --data-path $IMAGENET --output_dir $OUT --model vit_deit_small_patch16_224 --target_flops 2.9
+    python diffrate/main.py --eval --load_compression_rate --data-path $IMAGENET \
+        --model vit_deit_small_patch16_224 --target_flops 2.9
+"""
+import os
+
+# never download: timm's pretrained weights are used only when its cache already has them (read at hub import)
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from timm.scheduler.cosine_lr import CosineLRScheduler
+
+from diffrate import schedules
+from diffrate.engine import GradNormScaler, evaluate, log_kept_numbers, train_one_epoch
+from diffrate.models import apply_diffrate, create_model, patch_kind
+from shared import args as shared_args
+from shared.amp import amp_enabled
+from shared.checkpoint import load_weights, resume, safe_load, save_checkpoint, to_timm_state_dict
+from shared.datasets import build_dataset
+from shared.distributed import get_rank, get_world_size, init_distributed_mode, is_main_process
+from shared.engine import build_criterion, build_mixup, log_epoch, scale_lr
+from shared.samplers import RASampler
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('DiffRate search and evaluation script', add_help=False)
+    for add in shared_args.DEIT_GROUPS:
+        add(parser)
+    # the reference's defaults where they differ from DeiT's
+    parser.set_defaults(batch_size=256, model_ema=False, weight_decay=0.0, color_jitter=0.4, output_dir='./log/temp',
+                        dist_eval=True, auto_resume=False, num_workers=10)
+    g = parser.add_argument_group('DiffRate')
+    g.add_argument('--multi-reso', default=False, action='store_true', help='unused (parsed as the reference does)')
+    g.add_argument('--arch-lr', type=float, default=0.01, metavar='LR',
+                   help='AdamW learning rate of the architecture parameters')
+    g.add_argument('--arch-min-lr', type=float, default=0.001, metavar='LR',
+                   help='floor of the cosine schedule of the architecture learning rate')
+    g.add_argument('--autoresume', action='store_true', help='resume from <output_dir>/checkpoint.pth if present')
+    g.add_argument('--port', default='15662', type=str, help='SLURM master port (unused by torchrun)')
+    g.add_argument('--target_flops', type=float, default=3.0,
+                   help='GFLOPs target of the search; with --load_compression_rate the schedule to load')
+    g.add_argument('--granularity', type=int, default=4,
+                   help='the token number gap between each compression rate candidate')
+    g.add_argument('--load_compression_rate', action='store_true',
+                   help='evaluate the schedule of compression_rate.json for --model and --target_flops')
+    g.add_argument('--warmup_compression_rate', action='store_true', default=False,
+                   help='no FLOPs penalty in the first epoch')
+    g.add_argument('--compression-rate-file', default=None,
+                   help='schedule file for --load_compression_rate (default ./compression_rate.json as the reference, '
+                        'else the one shipped in diffrate/)')
+    return parser
+
+
+def build_diffrate_model(args):
+    """Model of --model with --drop/--drop-path and the dataset's classes, patched; weights from --finetune, else
+    timm's cached pretrained weights when present, else random (said loudly)."""
+    patch_kind(args.model)  # unsupported names stop before anything is built
+    kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    if args.input_size != 224 and 'caformer' not in args.model:
+        kwargs['img_size'] = args.input_size
+    model = None
+    if not args.finetune and 'mae' not in args.model:
+        try:
+            model = create_model(args.model, pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001  (no cached weights, no network)
+            print(f'| pretrained weights of {args.model} unavailable here ({type(e).__name__}); using RANDOM weights '
+                  '(pass --finetune <checkpoint> to load weights)')
+    if model is None:
+        if not args.finetune and 'mae' in args.model:
+            print(f'| {args.model}: no weights given; using RANDOM weights (pass --finetune '
+                  'mae_finetuned_vit_*.pth to load the MAE fine-tuned model)')
+        model = create_model(args.model, **kwargs)
+    apply_diffrate(model, args.model, args.granularity)
+    if args.finetune:
+        checkpoint = safe_load(args.finetune)
+        state_dict = to_timm_state_dict(checkpoint, model if hasattr(model, 'pos_embed') else None)
+        own = model.state_dict()
+        for k in ['head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias']:
+            if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
+                print(f'Removing key {k} from pretrained checkpoint')
+                del state_dict[k]
+        state_dict = {k: v for k, v in state_dict.items() if 'ddp' not in k}
+        result = load_weights(model, state_dict, strict=False, source=args.finetune)
+        network_missing = [k for k in result.missing_keys if 'ddp' not in k and not k.startswith('head')]
+        if network_missing:
+            raise SystemExit(f'--finetune {args.finetune} does not fit {args.model}: missing {network_missing[:8]}')
+    return model
+
+
+def smallest_reachable_gflops(model):
+    """GFLOPs with every compressible proxy at its smallest candidate."""
+    saved = model.get_kept_num()
+    smallest = []
+    for block_proxies in ([b.prune_ddp for b in model.blocks], [b.merge_ddp for b in model.blocks]) \
+            if hasattr(model, 'blocks') else ([], [b.merge_ddp for b in model.compressed_blocks()]):
+        smallest.append([int(p.kept_token_candidate.min()) + p.class_token_num for p in block_proxies] or None)
+    if hasattr(model, 'blocks'):
+        model.set_kept_num(*smallest)
+        gflops = model.calculate_flop_inference() / 1e9
+        model.set_kept_num(*saved)
+    else:
+        from diffrate.flops import caformer_gflops
+        gflops = caformer_gflops(*model._geometry(), smallest[1])
+    return gflops
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    """The reference always uses the distributed samplers (a world of one when single-process), the repeated-aug
+    sampler for training, drop_last, and the training batch size for evaluation."""
+    num_tasks, rank = get_world_size(), get_rank()
+    if args.repeated_aug:
+        sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=rank, shuffle=True)
+    else:
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=rank,
+                                                            shuffle=True)
+    if args.dist_eval:
+        if len(dataset_val) % num_tasks != 0:
+            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
+                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
+                  'equal num of samples per-process.')
+        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=rank,
+                                                          shuffle=False)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    pin = args.pin_mem and torch.cuda.is_available()
+    persistent = args.num_workers > 0  # the reference's MultiEpochsDataLoader keeps its workers between epochs
+    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+                                               persistent_workers=persistent)
+    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, pin_memory=pin, drop_last=False,
+                                             persistent_workers=persistent)
+    return loader_train, loader_val
+
+
+def save_schedule(args, model, epoch=None):
+    """The learned schedule as a compression_rate.json entry in <output_dir>/compression_rate.json."""
+    prune, merge = model.get_kept_num()
+    if args.output_dir and is_main_process():
+        path = os.path.join(args.output_dir, 'compression_rate.json')
+        schedules.write_entry(path, args.model, args.target_flops, prune, merge)
+    return {'prune_kept_num': prune, 'merge_kept_num': merge, 'model': args.model,
+            'target_flops': args.target_flops, 'epoch': epoch}
+
+
+def main(args):
+    init_distributed_mode(args)
+    print(args)
+    device = torch.device(args.device)
+    seed = args.seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.backends.cudnn.benchmark = True
+    amp = amp_enabled(args, device)
+
+    # bad inputs stop before any data is read or model weights are touched
+    patch_kind(args.model)
+    if args.load_compression_rate:
+        schedule = schedules.lookup(args.model, args.target_flops, args.compression_rate_file)
+
+    dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    dataset_val, _ = build_dataset(is_train=False, args=args)
+    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
+    mixup_fn = build_mixup(args, args.nb_classes)
+
+    print(f'Creating model: {args.model}')
+    model = build_diffrate_model(args)
+    if args.load_compression_rate:
+        model.set_kept_num(*schedule)
+    if not args.eval:
+        floor = smallest_reachable_gflops(model)
+        if args.target_flops < floor:
+            raise SystemExit(f'--target_flops {args.target_flops} is below the smallest FLOPs {floor:.3f}G that '
+                             f'{args.model} can reach with --granularity {args.granularity}')
+    # the network is frozen: only the proxies' logits learn (the reference leaves requires_grad on and simply
+    # keeps the weights out of the optimizer; the architecture gradients are the same)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
+                                                          else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters())
+    print(f'number of params: {n_parameters}')
+    scale_lr(args)  # logged only: the network is frozen
+
+    optimizer = torch.optim.AdamW(model_without_ddp.arch_parameters(), lr=args.arch_lr, weight_decay=0)
+    loss_scaler = GradNormScaler(device, amp)
+    lr_scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.arch_min_lr,
+                                     cycle_decay=args.decay_rate)
+    criterion = build_criterion(args, mixup_fn).base_criterion
+
+    if args.autoresume and os.path.exists(os.path.join(args.output_dir, 'checkpoint.pth')):
+        args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
+    if args.resume:
+        resume(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler)
+        # kept numbers are plain attributes (not in the state dict): recompute them from the loaded logits
+        # (the reference evaluates the untrained 101... numbers here); use the schedule the checkpoint recorded
+        if not args.load_compression_rate:
+            saved = safe_load(args.resume).get('diffrate_schedule')
+            if saved:
+                model_without_ddp.set_kept_num(saved['prune_kept_num'], saved['merge_kept_num'])
+            else:
+                model_without_ddp.refresh_kept_numbers()
+
+    if args.eval:
+        test_stats = evaluate(data_loader_val, model, device, amp)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return test_stats
+
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    max_accuracy = 0.0
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    schedule_info = None
+    for epoch in range(args.start_epoch, args.epochs):
+        data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      args.clip_grad, mixup_fn, set_training_mode=args.finetune == '',
+                                      target_flops=args.target_flops, warm_up=args.warmup_compression_rate,
+                                      amp=amp, print_freq=getattr(args, 'print_freq', 10))
+        lr_scheduler.step(epoch)
+        # the schedule that is evaluated, saved and reloaded is the one of the logits after the last step
+        if args.finetune == '':
+            model_without_ddp.refresh_kept_numbers()
+        schedule_info = save_schedule(args, model_without_ddp, epoch)
+        checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else None
+        if checkpoint_path:
+            save_checkpoint(checkpoint_path, model=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                            epoch=epoch, loss_scaler=loss_scaler, args=args, diffrate_schedule=schedule_info)
+        test_stats = evaluate(data_loader_val, model, device, amp)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        if checkpoint_path and is_main_process() and max_accuracy < test_stats['acc1']:
+            shutil.copyfile(checkpoint_path, os.path.join(args.output_dir, 'model_best.pth'))
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': n_parameters}
+        if output_dir:
+            log_epoch(args.output_dir, log_stats)
+
+    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Training time {total_time_str}')
+    print('Learned compression rate schedule:')
+    log_kept_numbers(model)
+    if schedule_info and output_dir and is_main_process():
+        print(f"saved as {{'{schedules.MODEL_KEYS.get(args.model, args.model)}': "
+              f"{{'{schedules.target_key(args.target_flops)}': ...}}}} in {output_dir / 'compression_rate.json'} "
+              f"(evaluate with --eval --load_compression_rate --compression-rate-file "
+              f"{output_dir / 'compression_rate.json'}, or --eval --resume {output_dir / 'checkpoint.pth'})")
+    return schedule_info
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('DiffRate search and evaluation script', parents=[get_args_parser()])
+    args = parser.parse_args()
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    main(args)
