@@ -1,0 +1,114 @@
+"""tools/flops.py and tools/benchmark.py hooks for ToMe and ToCom (`--method tome` and `--method tocom`).
+
+FLOPs: the project's one convention (shared.flops.vit_macs) on the token counts ToMe leaves in each block: a block's
+attention sees the tokens that enter it, its MLP the tokens left after merging r (capped at half the unprotected
+tokens). A folded compensator costs nothing; `--unfolded` counts the two adapters (q, v) of every block when
+r_src != r_tgt, as upstream runs them.
+
+Benchmark: ToMe's throughput convention (random input, eval, no grad, warm-up runs thrown away, images/s at a stated
+batch size and dtype), the baseline and r = 8, 13, 16 measured in one run and printed as ratios.
+"""
+import torch
+
+from shared.flops import vit_dims, vit_macs
+
+DEFAULT_BENCH_R = (8, 13, 16)
+
+
+def tome_token_counts(num_tokens, depth, r, protected=1):
+    """(attention tokens, MLP tokens) per block for a ToMe schedule `r` (int, (r, inflection) or list)."""
+    from shared.tome import parse_r
+    attn, mlp = [], []
+    n = num_tokens
+    for r_layer in parse_r(depth, r)[:depth]:
+        attn.append(n)
+        n -= max(0, min(int(r_layer), (n - protected) // 2))
+        mlp.append(n)
+    return attn, mlp
+
+
+def _build(args, name=None):
+    from tocom.models import create_tocom_model
+    kwargs = {'num_classes': args.num_classes}
+    if args.input_size:
+        kwargs['img_size'] = args.input_size
+    return create_tocom_model(name or args.model, **kwargs)
+
+
+def model_gflops(model, r, r_src=None, unfolded=False):
+    dims, depth = vit_dims(model)
+    protected = int(getattr(model, 'cls_token', None) is not None) + int(getattr(model, 'dist_token', None) is not None)
+    attn, mlp = tome_token_counts(dims['num_patches'] + dims['num_prefix_tokens'], depth, r, protected)
+    macs = vit_macs(attn, mlp, **dims)
+    if unfolded and r_src is not None and r_src != r:
+        blk = model.blocks[0].attn
+        hidden = blk.q_tocom.hidden if hasattr(blk, 'q_tocom') else 32
+        macs += sum(2 * 2 * n * dims['embed_dim'] * hidden for n in attn)  # q and v: down + up per token
+    return macs / 1e9
+
+
+# ------------------------------------------------------------------------------------------------------------ FLOPs
+def add_flops_args(parser):
+    parser.add_argument('--model', default='deit_base_patch16_224', help='deit_{tiny,small,base}_patch16_224 or a '
+                        'timm ViT (ToMe-patched)')
+    parser.add_argument('--r', default=0, type=int, help='tokens merged per layer (ToMe r, ToCom r_tgt)')
+    parser.add_argument('--r_src', default=None, type=int, help='ToCom: the r the model was trained with')
+    parser.add_argument('--unfolded', action='store_true', help='ToCom: count the compensator run as adapters '
+                        '(upstream) instead of folded into qkv (zero extra FLOPs)')
+    parser.add_argument('--input-size', default=None, type=int)
+    parser.add_argument('--num-classes', default=1000, type=int)
+
+
+def flops(args):
+    model = _build(args)
+    if args.unfolded:
+        from tocom.models import add_compensator
+        add_compensator(model)
+    return model_gflops(model, args.r, args.r_src, args.unfolded)
+
+
+# -------------------------------------------------------------------------------------------------------- benchmark
+def add_benchmark_args(parser):
+    parser.add_argument('--model', default='deit_small_patch16_224')
+    parser.add_argument('--r', default=list(DEFAULT_BENCH_R), type=int, nargs='+', help='r values to time')
+    parser.add_argument('--batch-size', default=None, type=int, help='default: 64 on a GPU (ToMe), 8 on the CPU')
+    parser.add_argument('--input-size', default=None, type=int)
+    parser.add_argument('--num-classes', default=1000, type=int)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--dtype', default=None, choices=['float32', 'float16', 'bfloat16'],
+                        help='default: float16 on a GPU (ToMe), float32 on the CPU')
+    parser.add_argument('--runs', default=None, type=int, help='timed runs (default 40 on a GPU, 6 on the CPU)')
+    parser.add_argument('--warmup', default=None, type=int, help='runs thrown away first (default 10 GPU, 2 CPU)')
+    parser.add_argument('--threads', default=None, type=int, help='CPU threads (torch.set_num_threads)')
+
+
+def benchmark(args):
+    from shared.benchmark import throughput
+    device = torch.device(args.device)
+    gpu = device.type == 'cuda'
+    batch = args.batch_size or (64 if gpu else 8)
+    dtype = getattr(torch, args.dtype or ('float16' if gpu else 'float32'))
+    runs = args.runs or (40 if gpu else 6)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _build(args).eval().to(device)
+    size = model.patch_embed.img_size
+    input_size = (3, *size)
+
+    rows = []
+    for r in [0, *args.r]:
+        model.r = r
+        ips = throughput(model, input_size, batch_size=batch, device=device, dtype=dtype, runs=runs, warmup=warmup)
+        rows.append({'r': r, 'gflops': model_gflops(model, r), 'img_per_s': ips})
+    base = rows[0]
+    print(f'ToMe throughput: {args.model}, batch {batch}, {str(dtype).replace("torch.", "")}, {device}, '
+          f'{runs} timed runs after {warmup} warm-up runs')
+    print(f'{"r":>4} {"GFLOPs":>8} {"img/s":>10} {"speed-up":>9} {"FLOPs ratio":>12} {"speed-up/FLOPs":>15}')
+    for row in rows:
+        row['speedup'] = row['img_per_s'] / base['img_per_s']
+        row['flops_ratio'] = base['gflops'] / row['gflops']
+        row['efficiency'] = row['speedup'] / row['flops_ratio']
+        print(f'{row["r"]:>4} {row["gflops"]:>8.3f} {row["img_per_s"]:>10.2f} {row["speedup"]:>9.3f} '
+              f'{row["flops_ratio"]:>12.3f} {row["efficiency"]:>15.3f}')
+    return {'model': args.model, 'batch_size': batch, 'dtype': str(dtype), 'device': str(device), 'rows': rows}
