@@ -214,3 +214,30 @@ def test_self_distillation_loss_goes_down():
     assert min(losses[-5:]) < 0.5 * losses[0]
     frozen = [p for n, p in student.named_parameters() if 'adapter' not in n]
     assert all(p.grad is None for p in frozen)
+
+
+# ---------------------------------------------------------------- measure hooks
+def test_tome_gflops_match_the_project_convention():
+    from tocom.measure import model_gflops
+    base = create_tocom_model('deit_base_patch16_224')
+    small = create_tocom_model('deit_small_patch16_224')
+    # the figures to within their last digit (exact: 13.1045, 10.3676, 3.4168, 2.7030)
+    for model, figures in ((base, (17.564, 13.104, 10.367, 8.772)), (small, (4.599, 3.416, 2.703, 2.291))):
+        for r, expected in zip((0, 8, 13, 16), figures):
+            assert abs(model_gflops(model, r) - expected) < 1e-3
+    # a folded compensator is free; the unfolded one costs 2 adapters x 2 projections per token and block
+    tocom = add_compensator(base)
+    assert model_gflops(tocom, 16, r_src=0) == model_gflops(base, 16)
+    assert model_gflops(tocom, 16, r_src=0, unfolded=True) > model_gflops(base, 16) + 0.12
+
+
+def test_benchmark_hook_runs(capsys):
+    import argparse
+    from tocom.measure import add_benchmark_args, benchmark
+    parser = argparse.ArgumentParser()
+    add_benchmark_args(parser)
+    args = parser.parse_args(['--model', 'deit_tiny_patch16_224', '--input-size', '32', '--batch-size', '2',
+                              '--runs', '1', '--warmup', '0', '--rounds', '1', '--device', 'cpu', '--r', '1', '4'])
+    out = benchmark(args)
+    assert [row['r'] for row in out['rows']] == [0, 1, 4] and out['rows'][0]['speedup'] == 1.0
+    assert 'speed-up' in capsys.readouterr().out
