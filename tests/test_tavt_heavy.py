@@ -13,8 +13,15 @@ SMALL = ['--model_type', 'tiny-test', '--pretrained_dir', 'w.npz', '--data_root'
          '--train_batch_size', '2', '--num_workers', '0', '--warmup_steps', '1']
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(tmp_path, args):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=0',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
            os.path.join(REPO, 'tavt', 'train.py')] + args
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
