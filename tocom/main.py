@@ -167,6 +167,7 @@ def main(args):
     seed = args.seed + get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
+    random.seed(seed)  # python's random drives timm's RandAugment; upstream (DeiT) left it unseeded
     pair_rng = random.Random(seed)  # the (r_tgt, r_src) draws; upstream left python's random unseeded
     cudnn.benchmark = True
 
