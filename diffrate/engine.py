@@ -13,35 +13,6 @@ FLOPS_WEIGHT = 5.0                  # lambda of the squared FLOPs penalty
 COMPRESSION_RATE_PRINT_FREQ = 100   # iterations between two logs of the current kept numbers
 
 
-class GradNormScaler:
-    """timm's NativeScalerWithGradNormCount on torch.amp: scaled backward, unscale, optional clipping, step, and the
-    gradient norm of `parameters` returned (the search logs that of the architecture parameters)."""
-    state_dict_key = 'amp_scaler'
-
-    def __init__(self, device, enabled):
-        device = torch.device(device)
-        self._scaler = torch.amp.GradScaler(device.type, enabled=enabled and device.type == 'cuda')
-
-    def __call__(self, loss, optimizer, clip_grad=None, parameters=None):
-        self._scaler.scale(loss).backward()
-        self._scaler.unscale_(optimizer)
-        parameters = [p for p in parameters if p.grad is not None]
-        if clip_grad is not None:
-            norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
-        else:
-            norm = torch.norm(torch.stack([p.grad.detach().norm(2) for p in parameters]), 2) if parameters \
-                else torch.tensor(0.)
-        self._scaler.step(optimizer)
-        self._scaler.update()
-        return norm
-
-    def state_dict(self):
-        return self._scaler.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self._scaler.load_state_dict(state_dict)
-
-
 def log_kept_numbers(model):
     prune, merge = unwrap_model(model).get_kept_num()
     print(f'prune kept number:{prune}')

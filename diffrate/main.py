@@ -22,10 +22,10 @@ import torch  # noqa: E402
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from diffrate import schedules
-from diffrate.engine import GradNormScaler, evaluate, log_kept_numbers, train_one_epoch
+from diffrate.engine import evaluate, log_kept_numbers, train_one_epoch
 from diffrate.models import apply_diffrate, create_model, patch_kind
 from shared import args as shared_args
-from shared.amp import amp_enabled
+from shared.amp import NativeScaler, amp_enabled
 from shared.checkpoint import load_weights, resume, safe_load, save_checkpoint, to_timm_state_dict
 from shared.datasets import build_dataset
 from shared.distributed import get_rank, get_world_size, init_distributed_mode, is_main_process
@@ -198,7 +198,7 @@ def main(args):
     scale_lr(args)  # logged only: the network is frozen
 
     optimizer = torch.optim.AdamW(model_without_ddp.arch_parameters(), lr=args.arch_lr, weight_decay=0)
-    loss_scaler = GradNormScaler(device, amp)
+    loss_scaler = NativeScaler(device, amp)
     lr_scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.arch_min_lr,
                                      cycle_decay=args.decay_rate)
     criterion = build_criterion(args, mixup_fn).base_criterion

@@ -30,7 +30,8 @@ def apex_available():
 
 
 class NativeScaler:
-    """timm's NativeScaler on torch.amp.GradScaler for any device; a pass-through when disabled."""
+    """timm's NativeScaler on torch.amp.GradScaler for any device (a pass-through when disabled) that, like timm's
+    NativeScalerWithGradNormCount, returns the gradient norm of `parameters` (after unscaling, before clipping)."""
     state_dict_key = 'amp_scaler'
 
     def __init__(self, device='cuda', enabled=True):
@@ -41,13 +42,22 @@ class NativeScaler:
     def __call__(self, loss, optimizer, clip_grad=None, clip_mode='norm', parameters=None, create_graph=False,
                  need_update=True):
         self._scaler.scale(loss).backward(create_graph=create_graph)
-        if need_update:
-            if clip_grad is not None and clip_grad > 0:
-                assert parameters is not None
-                self._scaler.unscale_(optimizer)
-                dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
-            self._scaler.step(optimizer)
-            self._scaler.update()
+        if not need_update:
+            return None
+        norm = None
+        if parameters is not None:
+            self._scaler.unscale_(optimizer)
+            parameters = [p for p in parameters if p.grad is not None]
+            if clip_grad is not None and clip_grad > 0 and clip_mode == 'norm':
+                norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm(2) for p in parameters])) \
+                    if parameters else torch.tensor(0.)
+                if clip_grad is not None and clip_grad > 0:
+                    dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        return norm
 
     def state_dict(self):
         return self._scaler.state_dict()
