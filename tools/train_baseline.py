@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Train and evaluate a plain timm ViT the way DeiT's main.py does, on the shared modules.
+
+With no arguments it trains the embedded default, a small ViT (`vit_digits_patch4_32`) on scikit-learn's digits
+upscaled to 32 px, for a few epochs on the CPU, printing DeiT's logs and writing output/baseline/{checkpoint.pth,
+log.txt} (and TensorBoard events). Every DeiT flag parses and does what it does in DeiT; the defaults differ only
+where the embedded default needs it (model, data set, input size, epochs, batch size, lr, no mixup/RandAugment).
+
+    python tools/train_baseline.py
+    torchrun --nproc_per_node=2 tools/train_baseline.py --output_dir output/baseline2
+    python tools/train_baseline.py --model deit_small_patch16_224 --data-set IMNET --data-path /data/imagenet \
+        --input-size 224 --epochs 300 --batch-size 256 --lr 5e-4 --aa rand-m9-mstd0.5-inc1 --mixup .8 --cutmix 1 \
+        --reprob .25 --drop-path .1 --model-ema --output_dir output/deit_s
+A run restarted with the same --output_dir continues from its checkpoint (--no-auto-resume to start over).
+"""
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from a plain checkout too
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from shared.amp import amp_enabled  # noqa: E402
+from shared.args import deit_parser  # noqa: E402
+from shared.checkpoint import (CheckpointError, auto_resume, convert_checkpoint, load_weights,  # noqa: E402
+                               resume, save_checkpoint)
+from shared.datasets import DatasetLayoutError, build_dataset, build_loaders  # noqa: E402
+from shared.distributed import get_rank, init_distributed_mode, is_main_process  # noqa: E402
+from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization,  # noqa: E402
+                           evaluate, log_epoch, train_one_epoch)
+from shared.models import create_model  # noqa: E402
+
+# The embedded default: what DeiT's defaults become so that `python tools/train_baseline.py` learns the digits in a
+# few epochs on two CPU cores (lr 1.6e-2 x 64 / 512 = 2e-3 after DeiT's linear scaling).
+DEMO_DEFAULTS = dict(model='vit_digits_patch4_32', data_set='DIGITS', input_size=32, epochs=3, batch_size=64,
+                     lr=1.6e-2, warmup_epochs=0, min_lr=1e-5, cooldown_epochs=0, drop_path=0.0, model_ema=False,
+                     aa='', reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, repeated_aug=False, num_workers=0,
+                     output_dir='output/baseline', print_freq=10)
+
+
+def get_args_parser():
+    return deit_parser('DeiT-style baseline training and evaluation', **DEMO_DEFAULTS)
+
+
+def _finetune(args, model):
+    """DeiT's --finetune: load a checkpoint (any format shared.checkpoint converts), drop a head of another size,
+    resize the position embedding to the model's grid, load non-strictly."""
+    state_dict = convert_checkpoint(args.finetune, model)
+    own = model.state_dict()
+    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
+        if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
+            print(f'Removing key {k} from pretrained checkpoint')
+            del state_dict[k]
+    print(load_weights(model, state_dict, strict=False, source=args.finetune))
+
+
+def main(args):
+    init_distributed_mode(args)
+    print(args)
+    device = torch.device(args.device)
+    amp = amp_enabled(args, device)
+
+    seed = args.seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.backends.cudnn.benchmark = True
+
+    dataset_train, nb_classes = build_dataset(is_train=True, args=args)
+    dataset_val, _ = build_dataset(is_train=False, args=args)
+    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
+    mixup_fn = build_mixup(args, nb_classes)
+
+    print(f'Creating model: {args.model}')
+    model = create_model(args.model, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                         img_size=args.input_size)
+    if args.finetune:
+        _finetune(args, model)
+    model.to(device)
+
+    model_ema = None
+    if args.model_ema:
+        from timm.utils import ModelEmaV2
+        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print('number of params:', n_parameters)
+
+    optimizer, loss_scaler, lr_scheduler = build_optimization(args, model_without_ddp, device)
+    criterion = build_criterion(args, mixup_fn)
+
+    auto_resume(args)
+    resume(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema)
+
+    if args.eval or args.start_epoch >= args.epochs:
+        if args.start_epoch >= args.epochs and not args.eval:
+            print(f'Training already finished ({args.epochs} epochs in {args.resume}); evaluating it')
+        test_stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return test_stats
+
+    tb_logger = TensorboardLogger(args.output_dir)
+    print(f'Start training for {args.epochs} epochs')
+    start_time = time.time()
+    max_accuracy = 0.0
+    test_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
+            mixup_fn, set_training_mode=args.train_mode, amp=amp, bce_loss=args.bce_loss,
+            print_freq=args.print_freq, tb_logger=tb_logger)
+        lr_scheduler.step(epoch)
+
+        test_stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        tb_logger.log(test_stats, epoch, prefix='test')
+        improved = test_stats['acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+
+        # Saved after evaluation (DeiT saves before): the RNG states stored are then exactly those the next
+        # epoch starts from, so a resumed run continues as if never stopped. Every rank calls it (RNG gather).
+        if args.output_dir:
+            common = dict(model=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, epoch=epoch,
+                          loss_scaler=loss_scaler, model_ema=model_ema, args=args, max_accuracy=max_accuracy)
+            save_checkpoint(os.path.join(args.output_dir, 'checkpoint.pth'), **common)
+            if improved:
+                save_checkpoint(os.path.join(args.output_dir, 'best_checkpoint.pth'), **common)
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': n_parameters}
+        log_epoch(args.output_dir, log_stats)
+
+    tb_logger.close()
+    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Training time {total_time_str}')
+    return test_stats
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    if args.output_dir and is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        main(args)
+    except (DatasetLayoutError, CheckpointError) as e:  # bad input: say what is wrong, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
