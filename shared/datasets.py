@@ -395,12 +395,54 @@ class FakeImages(torch.utils.data.Dataset):
 # Transforms
 
 
+class _OneOf3Augment:
+    """DeiT-III's 3-Augment choice, applied to every image: grayscale, solarize, or a Gaussian blur of radius drawn
+    uniformly in [0.1, 2]. The python `random` draws are upstream's, in its order (the choice, then the always-true
+    probability test of the chosen op, then the blur radius), so a seeded run sees the same augmentations."""
+
+    def __init__(self):
+        self.grayscale = transforms.Grayscale(3)
+
+    def __call__(self, img):
+        from PIL import ImageFilter, ImageOps
+        import random
+        choice = int(random.random() * 3)  # torchvision RandomChoice -> random.choices
+        random.random()  # the chosen op's own p=1.0 test
+        if choice == 0:
+            return self.grayscale(img)
+        if choice == 1:
+            return ImageOps.solarize(img)
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+def three_augment_transform(args):
+    """DeiT's --ThreeAugment training pipeline (DeiT III): random resized crop (or, with --src, resize + random
+    crop with 4 px reflect padding) and flip, then one of grayscale / solarize / blur, colour jitter when
+    --color-jitter is non-zero, to tensor, ImageNet normalisation. No RandAugment, no random erasing."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    size = args.input_size
+    if getattr(args, 'src', False):
+        primary = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                   transforms.RandomCrop(size, padding=4, padding_mode='reflect'), transforms.RandomHorizontalFlip()]
+    else:
+        primary = [RandomResizedCropAndInterpolation(size, scale=(0.08, 1.0), interpolation='bicubic'),
+                   transforms.RandomHorizontalFlip()]
+    secondary = [_OneOf3Augment()]
+    jitter = getattr(args, 'color_jitter', None)
+    if jitter:
+        secondary.append(transforms.ColorJitter(jitter, jitter, jitter))
+    final = [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(primary + secondary + final)
+
+
 def build_transform(is_train, args):
     """DeiT's transforms: timm `create_transform` for training (RandomResizedCrop, flip, RandAugment, random
-    erasing), Resize(input/eval_crop_ratio) + CenterCrop for evaluation. For inputs of 32 pixels or less the random
+    erasing; --ThreeAugment: DeiT III's 3-Augment instead), Resize(input/eval_crop_ratio) + CenterCrop for evaluation. For inputs of 32 pixels or less the random
     resized crop becomes RandomCrop(size, padding=4) and evaluation does no resizing (DeiT's CIFAR recipe)."""
     input_size = args.input_size
     resize_im = input_size > 32
+    if is_train and getattr(args, 'ThreeAugment', False):
+        return three_augment_transform(args)
     if is_train:
         transform = create_transform(
             input_size=input_size,

@@ -317,3 +317,16 @@ def test_fine_grained_layout_errors(tmp_path):
     scipy.io.savemat(str(tmp_path / 'flowers-102' / 'setid.mat'), {'trainid': np.array([[1]])})
     with pytest.raises(DatasetLayoutError, match="setid.mat: no 'trnid' entry"):
         build_dataset(True, make_args(data_set='FLOWERS', data_path=str(tmp_path)))
+
+
+def test_three_augment(tmp_path):
+    args = make_args(input_size=48, ThreeAugment=True, src=False)
+    names = [type(t).__name__ for t in build_transform(True, args).transforms]
+    assert names == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', '_OneOf3Augment', 'ColorJitter',
+                     'ToTensor', 'Normalize']
+    args.src, args.color_jitter = True, 0.0
+    t = build_transform(True, args)
+    assert [type(x).__name__ for x in t.transforms][:3] == ['Resize', 'RandomCrop', 'RandomHorizontalFlip']
+    assert t.transforms[1].padding_mode == 'reflect' and 'ColorJitter' not in [type(x).__name__ for x in t.transforms]
+    assert t(Image.new('RGB', (60, 50), (200, 10, 10))).shape == (3, 48, 48)
+    assert [type(x).__name__ for x in build_transform(False, args).transforms][0] == 'Resize'  # eval unchanged
