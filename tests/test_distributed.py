@@ -117,13 +117,17 @@ def recording_train_one_epoch(model, criterion, data_loader, *a, **kw):
     rank = int(os.environ.get('RANK', 0))
     attempt = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
     if os.environ.get('FAULT_EPOCH') == str(epoch) and rank == 1 and attempt == 0:
-        def dying(loader):
-            for i, batch in enumerate(loader):
-                if i == 2:
-                    print('| injected fault: rank 1 exits mid-epoch', flush=True)
-                    os._exit(1)
-                yield batch
-        loader = dying(data_loader)
+        class Dying:  # the loader, cut short by the death of the process
+            def __len__(self):
+                return len(data_loader)
+            def __iter__(self):
+                for i, batch in enumerate(data_loader):
+                    if i == 2:
+                        sys.stderr.write('| injected fault: rank 1 exits mid-epoch\\n')
+                        sys.stderr.flush()
+                        os._exit(1)
+                    yield batch
+        loader = Dying()
     else:
         loader = data_loader
     stats = original(model, criterion, loader, *a, **kw)
@@ -142,7 +146,10 @@ def torchrun(tmp_path, name, extra_env, argv, max_restarts=0):
     wrapper.write_text(WRAPPER.format(root=ROOT))
     record = tmp_path / name
     record.mkdir()
-    env = {**os.environ, 'RECORD_DIR': str(record), 'OMP_NUM_THREADS': '1', **extra_env}
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the rendezvous store shared (torch's default), a restarted worker
+    # can read the previous attempt's gloo addresses and fail to connect (pytorch/pytorch#135712).
+    env = {**os.environ, 'RECORD_DIR': str(record), 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1',
+           **extra_env}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            f'--max-restarts={max_restarts}', str(wrapper)] + TINY + argv + ['--output_dir', str(record / 'out')]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
