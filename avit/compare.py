@@ -44,8 +44,7 @@ def _train_args(ctx, args):
     a.lr, a.epochs, a.warmup_epochs, a.mixup, a.cutmix, a.model_ema = args.avit_lr, ctx.epochs, 0, 0., 0., False
     a.ponder_token_scale, a.distr_prior_alpha, a.unscale_lr = args.avit_ponder, args.avit_prior, True
     a.print_freq = 10 ** 6
-    # timm's RandAugment posterize reaches 0 bits at full magnitude, which Pillow >= 11 rejects; the tiny digits
-    # fine-tune does without it.
+    # a few epochs on 32 px digits learn more without RandAugment
     a.aa = None
     return a
 

@@ -19,6 +19,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
+import shared.augment  # noqa: F401  (RandAugment's 0-bit posterize on current Pillow)
+
 
 class DatasetLayoutError(ValueError):
     """A data set is missing or is not laid out as its reader expects."""

@@ -108,3 +108,14 @@ def test_create_model_resolves_local_names_without_touching_timm():
     assert isinstance(create_model('deit_tiny_patch16_224', depth=1), timm.models.VisionTransformer)
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model('nope', local)
+
+
+def test_randaugment_posterize_at_zero_bits_gives_black_image():
+    import numpy as np
+    from PIL import Image
+    from timm.data import auto_augment
+    import shared.augment  # noqa: F401
+    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # 4 - int(10/10*4) = 0 bits
+    assert np.asarray(op(img)).max() == 0
+    assert np.asarray(auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=0)(img)).max() == 192

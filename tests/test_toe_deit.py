@@ -99,7 +99,7 @@ def test_run_script_torchrun_two_processes(tmp_path):
     args = ['toe/deit/main.py', '--patch-size', '16', '--model', 'deit_small_patch16_224', '--batch-size', '4',
             '--data-path', data, '--output_dir', out, '--num_workers', '0', '--seed', '3407',
             '--expansion-step', '0', '1', '2', '--keep-rate', '0.5', '0.75', '1.0', '--initialization-keep-rate',
-            '0.25', '--expansion-multiple-stage', '2', '--epochs', '2', '--aa', 'rand-m9-mstd0.5']
+            '0.25', '--expansion-multiple-stage', '2', '--epochs', '2']
     r = torchrun(args, timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:]
     assert 'expansion stage 1/3, 98/196' in r.stdout and 'expansion stage 2/3, 147/196' in r.stdout

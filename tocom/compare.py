@@ -51,7 +51,7 @@ def _pretrain_compensator(ctx, args, steps):
             '--data-set', d.data_set, '--input-size', str(d.input_size), '--batch-size', str(min(d.batch_size, 64)),
             '--output_dir', out, '--device', str(ctx.device), '--num_workers', str(d.num_workers),
             '--seed', str(ctx.seed), '--no-model-ema', '--print-freq', '1000000',
-            # no RandAugment: its posterize at the top magnitude asks PIL for 0 bits, which PIL >= 10 refuses
+            # a few epochs on 32 px digits learn more without RandAugment
             '--aa', '']
     if d.data_path:
         argv += ['--data-path', d.data_path]

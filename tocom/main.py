@@ -173,9 +173,6 @@ def main(args):
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
-    if args.ThreeAugment:
-        from tocom.augment import three_augment_transform
-        dataset_train.transform = three_augment_transform(args)
     data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
     mixup_fn = build_mixup(args, args.nb_classes)
 

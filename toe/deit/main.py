@@ -116,9 +116,6 @@ def main(args):
         dataset_val, _ = build_dataset(is_train=False, args=args)
     except DatasetLayoutError as e:
         raise SystemExit(f'error: {e}')
-    if args.ThreeAugment:
-        from toe.deit.augment import three_augment
-        dataset_train.transform = three_augment(args)
     data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
     mixup_fn = build_mixup(args, args.nb_classes)
 
