@@ -10,10 +10,11 @@ the readers. A missing folder or a wrong layout raises `DatasetLayoutError` nami
 import json
 import os
 import pickle
+import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets, transforms
@@ -406,8 +407,6 @@ class _OneOf3Augment:
         self.grayscale = transforms.Grayscale(3)
 
     def __call__(self, img):
-        from PIL import ImageFilter, ImageOps
-        import random
         choice = int(random.random() * 3)  # torchvision RandomChoice -> random.choices
         random.random()  # the chosen op's own p=1.0 test
         if choice == 0:
