@@ -175,3 +175,14 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_parameters(tmp_path):
     for rank in (0, 1):
         assert_same(torch.load(straight / f'rank{rank}_epoch2.pth'), torch.load(faulty / f'rank{rank}_epoch2.pth'))
     assert_same(params_of(straight / 'out' / 'checkpoint.pth'), params_of(faulty / 'out' / 'checkpoint.pth'))
+
+
+def test_finetune_drops_a_head_of_another_size_and_evaluates(tmp_path, capsys):
+    from shared.models import create_model
+    source = create_model('vit_digits_patch4_32', img_size=16, num_classes=1000)
+    torch.save({'model': {f'module.{k}': v for k, v in source.state_dict().items()}}, tmp_path / 'deit.pth')
+    capsys.readouterr()
+    run_main(TINY + ['--finetune', str(tmp_path / 'deit.pth'), '--eval', '--output_dir', ''])
+    out = capsys.readouterr().out
+    assert 'Removing key head.weight from pretrained checkpoint' in out
+    assert 'Accuracy of the network on the 32 test images' in out
