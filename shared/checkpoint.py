@@ -160,13 +160,15 @@ def ema_module(model_ema):
 
 
 def save_checkpoint(path, *, model, optimizer=None, lr_scheduler=None, epoch=None, loss_scaler=None, model_ema=None,
-                    args=None, **extra):
+                    args=None, all_ranks=True, **extra):
     """Write DeiT's checkpoint dict (model, optimizer, lr_scheduler, epoch, model_ema, scaler, args) plus every
     rank's RNG state (key `rng`, a list indexed by rank) and any `extra` entries.
 
-    Call it on EVERY rank (the RNG states are gathered collectively); only rank 0 writes, atomically."""
+    Call it on EVERY rank: the RNG states are gathered collectively (calling it on rank 0 alone would wait forever);
+    only rank 0 writes, atomically. From code that runs on rank 0 only, pass all_ranks=False: then only rank 0's
+    RNG state is stored, and a multi-process resume says it cannot restore the others."""
     from shared.distributed import is_main_process, unwrap_model
-    states = _all_rank_rng_states()
+    states = _all_rank_rng_states() if all_ranks else [rng_state()]
     if not is_main_process():
         return
     obj = {'model': unwrap_model(model).state_dict()}
