@@ -103,3 +103,10 @@ def test_missing_artefact_says_which_file_and_command(tmp_path, baseline, monkey
 def test_pareto_front():
     rows = [{'x': 1, 'acc1': 50}, {'x': 2, 'acc1': 40}, {'x': 3, 'acc1': 70}, {'x': 4, 'acc1': 60}]
     assert [r['x'] for r in compare.pareto_front(rows, 'x', 'acc1', True)] == [1, 3]
+
+
+def test_missing_compensator_names_the_file_and_the_pretraining_command(tmp_path, baseline):
+    with pytest.raises(SystemExit, match=r'ToCom compensator not found at /no/comp.pth; make it with: python '
+                                         r'tocom/main.py --r_src -1'):
+        compare.main(['--methods', 'tocom', '--checkpoint', str(baseline), '--tocom-path', '/no/comp.pth',
+                      '--output-dir', str(tmp_path), '--cache-dir', str(tmp_path / 'cache')])

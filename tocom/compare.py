@@ -23,6 +23,8 @@ def add_args(parser):
     g.add_argument('--tocom-r-src', type=int, default=0, help='the r the baseline was trained with')
     g.add_argument('--tocom-scale', type=float, default=0.1, help='compensation scale s (README: 0.05..0.15)')
     g.add_argument('--tocom-lr', type=float, default=1e-3, help='pre-training base lr (README: 1e-3)')
+    g.add_argument('--tocom-path', default='', help='a pre-trained compensator (tocom/main.py --r_src -1) instead of '
+                   'pre-training one on the comparison data')
 
 
 def _tome_model(ctx):
