@@ -41,6 +41,7 @@ class _Payload:
         return (os.system, (f'touch {self.marker}',))
 
 
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')
 def test_pickle_payload_is_refused_not_executed(tmp_path):
     marker = tmp_path / 'executed'
     path = tmp_path / 'evil.pth'
