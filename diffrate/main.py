@@ -154,7 +154,10 @@ def save_schedule(args, model, epoch=None):
             'target_flops': args.target_flops, 'epoch': epoch}
 
 
-def main(args):
+def main(args, model=None):
+    """The entry script's run. `model`: an already patched DiffRate model holding its weights (Python callers such as
+    diffrate/compare.py, whose baseline is not one of the reference's names); it replaces --model/--finetune, so that
+    the search runs in train mode as the reference's does without --finetune."""
     init_distributed_mode(args)
     print(args)
     device = torch.device(args.device)
@@ -165,7 +168,8 @@ def main(args):
     amp = amp_enabled(args, device)
 
     # bad inputs stop before any data is read or model weights are touched
-    patch_kind(args.model)
+    if model is None:
+        patch_kind(args.model)
     if args.load_compression_rate:
         schedule = schedules.lookup(args.model, args.target_flops, args.compression_rate_file)
 
@@ -174,8 +178,9 @@ def main(args):
     data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
     mixup_fn = build_mixup(args, args.nb_classes)
 
-    print(f'Creating model: {args.model}')
-    model = build_diffrate_model(args)
+    if model is None:
+        print(f'Creating model: {args.model}')
+        model = build_diffrate_model(args)
     if args.load_compression_rate:
         model.set_kept_num(*schedule)
     if not args.eval:

@@ -86,9 +86,12 @@ def build_datasets(args, train=True):
     return trainset, testset
 
 
-def get_loader(args, train=True):
-    """(train_loader, test_loader) as the original builds them; train_loader is None when train is False."""
-    trainset, testset = build_datasets(args, train)
+def get_loader(args, train=True, datasets=None):
+    """(train_loader, test_loader) as the original builds them; train_loader is None when train is False.
+    `datasets`: a (trainset, testset) pair from a Python caller (tavt/compare.py) instead of --dataset's."""
+    trainset, testset = datasets if datasets is not None else build_datasets(args, train)
+    if not train:
+        trainset = None
     distributed = is_dist_avail_and_initialized()
     workers = getattr(args, 'num_workers', 4)
     pin = torch.cuda.is_available()

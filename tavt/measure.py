@@ -20,7 +20,7 @@ from tavt.data_utils import DATASETS, num_classes_of
 from tavt.length_drop import sample_length_configuration
 from tavt.models.modeling import build_model, gene_macs
 
-MODEL_TYPES = ["ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "tiny-test"]
+MODEL_TYPES = ["ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "tiny-test", "ViT-digits"]
 
 
 def _add_model_args(parser):
@@ -28,6 +28,8 @@ def _add_model_args(parser):
     g.add_argument('--model_type', choices=MODEL_TYPES, default='ViT-B_16')
     g.add_argument('--img_size', type=int, default=448)
     g.add_argument('--dataset', choices=list(DATASETS), default='CUB_200_2011', help='sets the number of classes')
+    g.add_argument('--num_classes', type=int, default=None,
+                   help="head size when it is not --dataset's (e.g. 10 for tools/compare.py's digits baseline)")
     g.add_argument('--split', default='non-overlap', choices=['non-overlap', 'overlap'])
     g.add_argument('--slide_step', type=int, default=12)
     g.add_argument('--config', default='full',
@@ -39,7 +41,8 @@ def _add_model_args(parser):
 
 
 def _model(args):
-    return build_model(args.model_type, args.img_size, num_classes_of(args.dataset), zero_head=False,
+    num_classes = args.num_classes or num_classes_of(args.dataset)
+    return build_model(args.model_type, args.img_size, num_classes, zero_head=False,
                        split=args.split, slide_step=args.slide_step)
 
 

@@ -32,7 +32,7 @@ from tavt.scheduler import build_scheduler
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = ["ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "tiny-test"]
+MODEL_TYPES = ["ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "tiny-test", "ViT-digits"]
 
 
 def get_args_parser():
@@ -42,7 +42,8 @@ def get_args_parser():
     p.add_argument("--dataset", choices=list(DATASETS), default="CUB_200_2011", help="Which dataset.")
     p.add_argument('--data_root', type=str, default='./dataset', help="Parent folder; the data is <data_root>/<dataset>.")
     p.add_argument("--model_type", choices=MODEL_TYPES, default="ViT-B_16",
-                   help="Which variant to use ('tiny-test' is a 12-layer toy for tests, not in the original).")
+                   help="Which variant to use ('tiny-test' is a 12-layer toy for tests, 'ViT-digits' the embedded "
+                        "default's baseline of tools/compare.py; neither is in the original).")
     p.add_argument("--pretrained_dir", type=str, default="./pretrained/ViT-B_16.npz",
                    help="Google .npz weights, always loaded first.")
     p.add_argument("--pretrained_model", type=str, default=None,
@@ -325,8 +326,8 @@ def distil_passes(args, model, precision, x, y):
     return kd.item(), logits
 
 
-def run_training(args, model, distil):
-    """The original's train() (distil=False) and distil() (distil=True)."""
+def run_training(args, model, distil, datasets=None):
+    """The original's train() (distil=False) and distil() (distil=True); `datasets`: see data_utils.get_loader."""
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
     writer = None
@@ -335,7 +336,7 @@ def run_training(args, model, distil):
         writer = SummaryWriter(log_dir=os.path.join("logs", args.name))
 
     args.train_batch_size = args.train_batch_size // args.gradient_accumulation_steps
-    train_loader, test_loader = get_loader(args)
+    train_loader, test_loader = get_loader(args, datasets=datasets)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
                                 weight_decay=args.weight_decay)
@@ -408,9 +409,10 @@ def run_training(args, model, distil):
 # ---------------------------------------------------------------------------------------------------------------
 # search
 
-def search(args, model):
-    """The original's evolutionary search; writes store-/population-/parents-iter{i}.tsv under <evo_path>/<name>."""
-    _, test_loader = get_loader(args, train=False)
+def search(args, model, datasets=None):
+    """The original's evolutionary search; writes store-/population-/parents-iter{i}.tsv under <evo_path>/<name>.
+    `datasets`: see data_utils.get_loader."""
+    _, test_loader = get_loader(args, train=False, datasets=datasets)
     net = unwrap_model(model)
     out_dir = os.path.join(args.evo_path, args.name)
 

@@ -55,6 +55,18 @@ def get_tiny_test_config():
     return _base(16, 32, 64, 2, 12)
 
 
+def get_digits_config():
+    """The embedded default's baseline (shared.models.DIGITS_VIT: 32 px, patch 4, width 64, MLP 256, 4 heads,
+    12 layers) in ViT-pytorch's layout, so that tools/compare.py's TAVT variants and tools/flops.py name the same model
+    (not in the original)."""
+    return vit_config(4, 64, 256, 4, 12)
+
+
+def vit_config(patch, hidden, mlp, heads, layers):
+    """A config of these dimensions (e.g. one matching a timm ViT whose weights are converted, see tavt/compare.py)."""
+    return _base(patch, hidden, mlp, heads, layers)
+
+
 CONFIG_FUNCTIONS = {
     'ViT-B_16': get_b16_config,
     'ViT-B_32': get_b32_config,
@@ -62,6 +74,7 @@ CONFIG_FUNCTIONS = {
     'ViT-L_32': get_l32_config,
     'ViT-H_14': get_h14_config,
     'tiny-test': get_tiny_test_config,
+    'ViT-digits': get_digits_config,
 }
 
 
