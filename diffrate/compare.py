@@ -40,7 +40,7 @@ def add_args(parser):
     g.add_argument('--diffrate-batch-size', type=int, default=64, help='search batch size')
     g.add_argument('--diffrate-flops-weight', type=float, default=None,
                    help='lambda of the FLOPs penalty (default: scaled to the baseline, see diffrate/compare.py)')
-    g.add_argument('--diffrate-schedule', default=None,
+    g.add_argument('--diffrate-schedule-path', default=None,
                    help='a compression_rate.json-format file with schedules for the baseline (skips the search)')
 
 
@@ -133,7 +133,7 @@ def search(ctx, args, target):
 
 def variants(method, ctx, args):
     targets = args.target_flops or default_targets(ctx)
-    given = args.diffrate_schedule or ctx.artefacts.get('schedule')
+    given = ctx.artefacts.get('diffrate_schedule_path') or getattr(args, 'diffrate_schedule_path', None)
     if given and not os.path.isfile(given):
         raise MissingArtefact('DiffRate schedule file', given,
                               f'python diffrate/main.py --model {ctx.model_name} --target_flops T --output_dir DIR ... '

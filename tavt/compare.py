@@ -13,11 +13,13 @@ Variants: the full gene and `--tavt-genes` genes spread over the frontier (cheap
 model with the gene installed (`set_length_config`), GFLOPs from `gene_macs` (the project's convention, the figure
 `tools/flops.py --method tavt` prints for the gene).
 
-Budget: the distillation runs max(2, ctx.epochs) passes over the training data, because TAVT neither validates nor
-saves a checkpoint during the first pass; the learning-rate warm-up is the original's share of the steps (500 of
+Budget (the sandwich rule costs ~2.5 forward-backward passes per image): `--tavt-epochs` passes over the training
+data (default 1), validation every pass; TAVT neither validates nor saves during the first pass, so after a single
+pass the hook saves the final weights itself. The learning-rate warm-up is the original's share of the steps (500 of
 10,000). The search's population, breeding sizes and iterations are small (`--tavt-population`, ...).
 """
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -34,13 +36,14 @@ WARMUP_SHARE = 500 / 10000  # the README's --warmup_steps default over its --num
 def add_args(parser):
     g = parser.add_argument_group('TAVT')
     g.add_argument('--tavt-genes', type=int, default=2, help='searched frontier genes to evaluate besides the full one')
+    g.add_argument('--tavt-epochs', type=int, default=1, help='distillation passes over the training data')
     g.add_argument('--tavt-lr', type=float, default=3e-2, help='distillation SGD learning rate (original: 3e-2)')
     g.add_argument('--tavt-batch-size', type=int, default=32, help='distillation batch size (original: 16)')
-    g.add_argument('--tavt-population', type=int, default=8, help='seeded genes of the search (original: 20)')
-    g.add_argument('--tavt-breed', type=int, default=6,
+    g.add_argument('--tavt-population', type=int, default=6, help='seeded genes of the search (original: 20)')
+    g.add_argument('--tavt-breed', type=int, default=3,
                    help='mutations and crossovers per search iteration, each (original: 30)')
-    g.add_argument('--tavt-evo-iter', type=int, default=3, help='search iterations (original: 30)')
-    g.add_argument('--tavt-checkpoint', default=None,
+    g.add_argument('--tavt-evo-iter', type=int, default=2, help='search iterations (original: 30)')
+    g.add_argument('--tavt-checkpoint-path', default=None,
                    help='a distilled tavt/train.py checkpoint of the baseline (skips the distillation)')
 
 
@@ -119,13 +122,19 @@ def _train_args(ctx, args, model, name, out, num_steps, eval_every):
 
 def derive(ctx, args):
     """Distil then search with tavt/train.py's functions; returns (checkpoint, frontier TSV), cached."""
-    given = ctx.artefacts.get('tavt_checkpoint') or args.tavt_checkpoint
+    given = ctx.artefacts.get('tavt_checkpoint_path') or getattr(args, 'tavt_checkpoint_path', None)
     if given and not os.path.isfile(given):
         raise MissingArtefact('TAVT distilled checkpoint', given,
-                              'python tavt/train.py --do_distil --name NAME --pretrained_model BASELINE_CONVERTED ...')
-    passes = max(2, ctx.epochs)
-    tag = f'{ctx.model_name}_p{passes}_lr{args.tavt_lr:g}_b{args.tavt_batch_size}_s{ctx.seed}' + \
-        ('_quick' if ctx.quick else f'_pop{args.tavt_population}_br{args.tavt_breed}_it{args.tavt_evo_iter}')
+                              f'python tools/compare.py --methods tavt --cache-dir {ctx.cache_dir} (it writes '
+                              f'{os.path.join(ctx.cache_dir, "tavt", "*", "baseline_adaptive_checkpoint.bin")}), or '
+                              'python tavt/train.py --do_distil --name NAME --pretrained_model ... on your data set')
+    passes = max(1, args.tavt_epochs)
+    search_tag = '_quick' if ctx.quick else f'_pop{args.tavt_population}_br{args.tavt_breed}_it{args.tavt_evo_iter}'
+    if given:
+        digest = hashlib.sha1(os.path.abspath(given).encode()).hexdigest()[:10]
+        tag = f'given_{digest}_s{ctx.seed}{search_tag}'
+    else:
+        tag = f'{ctx.model_name}_p{passes}_lr{args.tavt_lr:g}_b{args.tavt_batch_size}_s{ctx.seed}{search_tag}'
     out = os.path.abspath(os.path.join(ctx.cache_dir, 'tavt', tag))
     name = 'baseline_adaptive'
     ckpt = given or os.path.join(out, f'{name}_checkpoint.bin')
@@ -151,6 +160,8 @@ def derive(ctx, args):
         # tqdm and TensorBoard: bars off (stderr is not a tty here), runs under <out>/logs
         with contextlib.chdir(out), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             if not given:
+                if os.path.isfile(ckpt):  # left by an interrupted run
+                    os.remove(ckpt)
                 train.set_seed(targs)
                 model.to(ctx.device)
                 best = train.run_training(targs, model, distil=True, datasets=(trainset, testset))
@@ -167,9 +178,8 @@ def derive(ctx, args):
         with open(os.path.join(out, 'run.log'), 'w') as f:
             f.write(log.getvalue())
     frontier = os.path.join(out, 'evo', name, f'population-iter{targs.evo_iter}.tsv')
-    if not given:
-        with open(os.path.join(out, 'done'), 'w') as f:
-            f.write(frontier)
+    with open(os.path.join(out, 'done'), 'w') as f:
+        f.write(frontier)
     return ckpt, frontier
 
 

@@ -1,0 +1,121 @@
+"""diffrate.compare and tavt.compare: the variants tools/compare.py measures, made by each method's own code."""
+import argparse
+import os
+
+import pytest
+import torch
+
+from diffrate import compare as diffrate_hook
+from diffrate.flops import vit_gflops, vit_token_counts
+from shared.checkpoint import safe_load
+from shared.compare_api import Context, MissingArtefact, data_args, load_base_model
+from shared.datasets import build_dataset
+from shared.flops import model_macs
+from shared.models import create_model
+from tavt import compare as tavt_hook
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    torch.manual_seed(0)
+    base = tmp_path / 'baseline.pth'
+    torch.save({'model': create_model('vit_digits_patch4_32').state_dict()}, base)
+    data = argparse.Namespace(
+        data_set='DIGITS', data_path='', input_size=32, batch_size=128, num_workers=0, pin_mem=False,
+        eval_crop_ratio=1.0, color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic', reprob=0.0,
+        remode='pixel', recount=1, repeated_aug=False, distributed=False, dist_eval=False, inat_category='name',
+        seed=0, fake_size=256, fake_classes=10, ThreeAugment=False, src=False)
+    return Context(base_checkpoint=str(base), model_name='vit_digits_patch4_32',
+                   model_kwargs={'num_classes': 10, 'img_size': 32}, data_args=data, cache_dir=str(tmp_path / 'cache'),
+                   device=torch.device('cpu'), epochs=1, quick=True)
+
+
+def digits_batch(ctx, n=8):
+    dataset, _ = build_dataset(False, data_args(ctx))
+    return torch.stack([dataset[i][0] for i in range(n)])
+
+
+def hook_args(hook, *argv):
+    parser = argparse.ArgumentParser()
+    hook.add_args(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def tokens_out_of_blocks(model, blocks, x):
+    counts = []
+    handles = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1])) for b in blocks]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts, logits
+
+
+def test_diffrate_variants_follow_their_schedule(ctx):
+    base_gflops = model_macs(load_base_model(ctx)) / 1e9
+    assert diffrate_hook.default_targets(ctx) == [round(base_gflops * 0.7, 4), round(base_gflops * 0.5, 4)]
+    args = hook_args(diffrate_hook, '--target-flops', 0.03)
+    (variant,) = diffrate_hook.variants('diffrate', ctx, args)
+    prune, merge = variant.settings['prune_kept_num'], variant.settings['merge_kept_num']
+    assert variant.label == 'target=0.03' and variant.gflops < base_gflops
+    model = variant.model
+    assert not model.training
+    assert variant.gflops == pytest.approx(vit_gflops(64, 4, 64, 10, prune, merge), abs=0)
+    x = digits_batch(ctx)
+    counts, logits = tokens_out_of_blocks(model, model.blocks, x)
+    assert logits[0].shape == (8, 10)  # the patched model's own forward returns (logits, flops)
+    assert counts == vit_token_counts(65, prune, merge)[1]  # tokens leaving each block = the schedule's
+    assert counts[-1] < 65
+    assert variant.forward(model, x).shape == (8, 10)
+    # the search ran in train mode: the proxies' logits moved away from their zero initialisation
+    search_dir = os.path.dirname(variant.artefacts['schedule'])
+    state = safe_load(os.path.join(search_dir, 'checkpoint.pth'))['model']
+    moved = [k for k, v in state.items() if k.endswith('selected_probability') and v.abs().max() > 0]
+    assert len(moved) >= 10
+    # cached: a second call reuses the schedule
+    stamp = os.path.getmtime(variant.artefacts['schedule'])
+    (again,) = diffrate_hook.variants('diffrate', ctx, args)
+    assert os.path.getmtime(again.artefacts['schedule']) == stamp and again.settings == variant.settings
+
+
+def test_diffrate_missing_schedule_names_the_command(ctx, tmp_path):
+    ctx.artefacts['diffrate_schedule_path'] = str(tmp_path / 'nope.json')
+    with pytest.raises(MissingArtefact, match=r'nope\.json.*diffrate/main\.py'):
+        diffrate_hook.variants('diffrate', ctx, hook_args(diffrate_hook, '--target-flops', 0.03))
+
+
+def test_tavt_model_of_the_baseline_is_the_timm_model(ctx):
+    x = digits_batch(ctx)
+    timm_model, tavt_model = load_base_model(ctx).eval(), tavt_hook.tavt_model(ctx).eval()
+    with torch.no_grad():
+        assert torch.allclose(tavt_model(x), timm_model(x), atol=1e-5, rtol=0)
+
+
+def test_tavt_variants(ctx):
+    from tools.flops import main as tools_flops
+    variants = tavt_hook.variants('tavt', ctx, hook_args(tavt_hook, '--tavt-genes', 2))
+    assert variants[0].label == 'full' and len(variants) >= 2
+    x = digits_batch(ctx)
+    for v in variants:
+        assert not v.model.training
+        with torch.no_grad():
+            assert v.model(x).shape == (8, 10)
+    full = variants[0]
+    assert full.gflops == pytest.approx(model_macs(load_base_model(ctx)) / 1e9, abs=0)
+    searched = variants[1]
+    gene = searched.settings['gene']
+    assert searched.gflops < full.gflops
+    assert searched.gflops == tools_flops(['--method', 'tavt', '--model_type', 'ViT-digits', '--img_size', '32',
+                                           '--num_classes', '10', '--config', ','.join(map(str, gene))])
+    # the gene is applied: the FFN of layer i runs on gene[i] tokens
+    ffns = [b.ffn for b in searched.model.transformer.encoder.layer]
+    assert tokens_out_of_blocks(searched.model, ffns, x)[0] == gene
+    # cached, and a missing user checkpoint names the command
+    stamp = os.path.getmtime(full.artefacts['tavt_checkpoint'])
+    tavt_hook.variants('tavt', ctx, hook_args(tavt_hook))
+    assert os.path.getmtime(full.artefacts['tavt_checkpoint']) == stamp
+    ctx.artefacts['tavt_checkpoint_path'] = '/nonexistent/distilled.bin'
+    with pytest.raises(MissingArtefact, match=r'distilled\.bin.*tavt/train\.py --do_distil'):
+        tavt_hook.variants('tavt', ctx, hook_args(tavt_hook))
