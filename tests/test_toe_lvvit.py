@@ -1,6 +1,8 @@
 """LV-ViT with ToE: kept tokens restored to their grid positions with zeros elsewhere; token-labelling loss."""
+import pytest
 import torch
 
+from tests.conftest import run_script
 from toe.lvvit.loss import TokenLabelCrossEntropy
 from toe.lvvit.models import create_model
 from toe.token_select import TokenSelect
@@ -45,3 +47,125 @@ def test_train_forward_and_loss_goes_down():
     assert losses[-1] < losses[0]
     dense = torch.rand(4, 5, 2 + 16).softmax(1)
     assert torch.isfinite(crit(m(x), dense))
+
+
+# ------------------------------------------------------------------------------------------- toe/lvvit/main.py
+def make_label_map_set(root, classes=2, train_per_class=4, val_per_class=2, size=64, grid=8, k=3):
+    """ImageNet-style train/ and validation/ folders plus TokenLabeling label maps (2, K, grid, grid) as half."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    k = min(k, classes)
+    data, labels = root / 'data', root / 'labels'
+    for split, n in (('train', train_per_class), ('validation', val_per_class)):
+        for c in range(classes):
+            d = data / split / f'n0{c}'
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f'img_{i}.JPEG')
+                if split == 'train':
+                    (labels / f'n0{c}').mkdir(parents=True, exist_ok=True)
+                    scores = torch.rand(k, grid, grid).sort(0, descending=True).values
+                    idx = torch.stack([torch.randperm(classes)[:k] for _ in range(grid * grid)], 1).view(k, grid, grid)
+                    torch.save(torch.stack([scores, idx.float()]).half(), labels / f'n0{c}' / f'img_{i}.pt')
+    return data, labels
+
+
+LV_TOE = ['--expansion-step', '0', '1', '2', '--keep-rate', '0.4', '0.7', '1.0', '--initialization-keep-rate', '0.2',
+          '--expansion-multiple-stage', '2']
+
+
+def test_lvvit_flags_and_bad_inputs(capsys):
+    import pytest
+    from toe.lvvit.main import parse_args
+    args, text = parse_args(['/data', '--model', 'lvvit_s', '-b', '256', '--img-size', '224', '--drop-path', '0.1',
+                             '--token-label', '--token-label-data', '/labels', '--token-label-size', '14',
+                             '--model-ema', '--apex-amp', '--local-rank=1', *LV_TOE])
+    assert args.apex_amp and args.local_rank == 1 and args.keep_rate == [0.4, 0.7, 1.0] and 'apex_amp' in text
+    assert parse_args(['/data', '--local_rank', '3'])[0].local_rank == 3
+    args = parse_args(['/data'])[0]  # the original exits without the list flags
+    assert args.expansion_step == [0, 100, 200] and args.initialization_keep_rate == 0.25
+    for flags, msg in ((['--keep-rate', '0.7', '0.4', '1.0'], 'non-decreasing'), (['--expansion-step', '0', '1'],
+                       'has 2 values'), (['--keep-rate', '0.4', '0.7', '1.2'], '<= 1.0'),
+                       (['--initialization-keep-rate', '0.5', '--keep-rate', '0.4', '0.7', '1.0'], 'above the first')):
+        with pytest.raises(SystemExit):
+            parse_args(['/data', *flags])
+        assert msg in capsys.readouterr().err
+
+
+def test_token_label_target_shapes_and_values():
+    from toe.lvvit.data import token_label_target
+    B, K, G, classes = 2, 3, 8, 5
+    maps = torch.zeros(B, 3, K, G, G)
+    maps[:, 0] = torch.tensor([0.7, 0.2, 0.1]).view(1, K, 1, 1)
+    maps[:, 1, 0], maps[:, 1, 1], maps[:, 1, 2] = 4., 1., 0.
+    maps[:, 2, 0, 0, :4] = torch.tensor([0., 0., 1., 1.])  # the whole image
+    maps[:, 2, 0, 0, 5] = torch.tensor([2., 3.])
+    t = token_label_target(maps, classes, smoothing=0.1, label_size=4)
+    assert t.shape == (B, classes, 2 + 16)
+    assert torch.allclose(t[:, :, 0].sum(1), torch.ones(B))
+    # tlt's arithmetic: softmax * on_value + off_value per class, so the token slots sum to 1 + smoothing / classes
+    assert torch.allclose(t[:, :, 1:].sum(1), torch.full((B, 17), 1 + 0.1 / classes))
+    assert t[0, :, 0].argmax() == 2 and t[1, :, 0].argmax() == 3  # ground truth slot
+    assert (t[:, :, 1:].argmax(1) == 4).all()  # the teacher's top class everywhere
+
+
+def test_lvvit_main_stages_label_maps_and_resume(tmp_path):
+    import csv
+    data, labels = make_label_map_set(tmp_path)
+    out = tmp_path / 'out'
+    common = [data, '--model', 'lvvit_t', '--img-size', '64', '--num-classes', '2', '-b', '4', '-j', '0',
+              '--token-label', '--token-label-data', labels, '--token-label-size', '4', '--model-ema', '--apex-amp',
+              '--device', 'cpu', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--output', out, *LV_TOE]
+    r = run_script(['toe/lvvit/main.py', *common, '--epochs', '2'], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    # 64 px / 16 = 4x4 = 16 patches: 3 seeds (stride 4), stages keep 6, 10 (float increments), then all 16
+    assert 'expansion stage 1/3, 6/16 patch tokens kept' in r.stdout
+    assert 'expansion stage 2/3, 10/16 patch tokens kept' in r.stdout
+    assert 'apex' in r.stdout and 'Test (EMA)' in r.stdout
+    [run] = list((out / 'train').iterdir())
+    assert {'args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar'} <= \
+        {p.name for p in run.iterdir()}
+    rows = list(csv.DictReader(open(run / 'summary.csv')))
+    assert [int(r_['epoch']) for r_ in rows] == [0, 1] and float(rows[0]['train_total_train_time']) > 0
+    ckpt = torch.load(run / 'last.pth.tar', weights_only=False)
+    assert ckpt['epoch'] == 1 and ckpt['arch'] == 'lvvit_t' and ckpt['version'] == 2 and 'state_dict_ema' in ckpt
+    # resume across the stage boundary: epoch 2 is the full-token stage
+    r = run_script(['toe/lvvit/main.py', *common, '--epochs', '3', '--resume', run / 'last.pth.tar'], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert 'expansion stage 3/3, 16/16 patch tokens kept' in r.stdout and 'stage 1/3' not in r.stdout
+
+
+def test_lvvit_main_no_seed_token(tmp_path):
+    data, labels = make_label_map_set(tmp_path, train_per_class=1, val_per_class=1)
+    r = run_script(['toe/lvvit/main.py', data, '--model', 'lvvit_t', '--img-size', '32', '--token-label',
+                    '--token-label-data', labels, '--device', 'cpu', '-j', '0', '--output', tmp_path / 'o', *LV_TOE])
+    assert r.returncode != 0 and 'no seed token' in r.stdout
+
+
+def test_lvvit_main_missing_label_maps(tmp_path):
+    data, labels = make_label_map_set(tmp_path, train_per_class=1, val_per_class=1)
+    next(labels.rglob('*.pt')).unlink()
+    r = run_script(['toe/lvvit/main.py', data, '--model', 'lvvit_t', '--img-size', '32', '--token-label',
+                    '--token-label-data', labels, '--device', 'cpu', '-j', '0', '--output', tmp_path / 'o'])
+    assert r.returncode != 0 and 'no label map' in r.stdout
+
+
+@pytest.mark.heavy
+def test_lvvit_run_script_torchrun_two_processes(tmp_path):
+    """ToE/lvvit/run/imagenet_small_run1.sh under torchrun with 2 processes on a generated label-map set: only paths,
+    batch size, epochs (steps 0/100/200 of 300 -> 0/1/2 of 3, no cooldown) and image counts changed."""
+    from tests.conftest import torchrun
+    data, labels = make_label_map_set(tmp_path, classes=2, train_per_class=2, val_per_class=1, size=224, grid=15, k=5)
+    out = tmp_path / 'result'
+    r = torchrun(['toe/lvvit/main.py', data, '--output', out, '--model', 'lvvit_s', '-b', '2', '--img-size', '224',
+                  '--drop-path', '0.1', '--token-label', '--token-label-data', labels, '--token-label-size', '14',
+                  '--model-ema', '--apex-amp', '--expansion-step', '0', '1', '2', '--keep-rate', '0.4', '0.7', '1.0',
+                  '--initialization-keep-rate', '0.2', '--expansion-multiple-stage', '2', '--epochs', '3',
+                  '--cooldown-epochs', '0', '-j', '0'], timeout=1800)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert 'distributed init (rank 1)' in r.stdout
+    for line in ('expansion stage 1/3, 78/196', 'expansion stage 2/3, 136/196', 'expansion stage 3/3, 196/196'):
+        assert line in r.stdout
+    [run] = list((out / 'train').iterdir())
+    assert (run / 'checkpoint-2.pth.tar').exists() and len((run / 'summary.csv').read_text().splitlines()) == 4

@@ -138,6 +138,12 @@ class TokenSelect(nn.Module):
             return num_patches
         return self.seed_count_and_stride(num_patches)[0] + sum(self.substep_quotas(num_patches, stage))
 
+    def check_num_patches(self, num_patches):
+        """ScheduleError when `num_patches` leaves no seed token (the original crashes in its first sub-step)."""
+        if self.seed_count_and_stride(num_patches)[0] < 1:
+            raise ScheduleError(f'--initialization-keep-rate {self.initialization_keep_rate} of {num_patches} patch '
+                                'tokens is no seed token: raise it or the input size')
+
     def stage_token_counts(self, num_patches):
         """Kept patch tokens for stages 1..S (the last is N when the final keep rate is 1.0)."""
         return [self.kept_tokens(num_patches, s) for s in range(1, self.total_expansion_stage + 1)]
@@ -230,6 +236,14 @@ def check_toe_args(parser, args):
                        args.expansion_multiple_stage, args.distance)
     except ScheduleError as e:
         parser.error(str(e))
+
+
+def stage_message(token_select, epoch, num_patches):
+    """The per-epoch line every ToE trainer prints (tests read the stage transitions from it)."""
+    stage = token_select.expansion_stage
+    kept = token_select.kept_tokens(num_patches)
+    return (f'ToE epoch {epoch}: expansion stage {stage}/{token_select.total_expansion_stage}, '
+            f'{kept}/{num_patches} patch tokens kept in training')
 
 
 def build_token_select(args):

@@ -22,7 +22,7 @@ from shared.distributed import get_rank, init_distributed_mode, is_main_process
 from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch
 from toe.deit.engine import train_one_epoch
 from toe.deit.models import create_model
-from toe.token_select import add_toe_args, build_token_select, check_toe_args
+from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
 
 
 def get_args_parser(add_help=True):
@@ -39,13 +39,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_toe_args(parser, args)
     return args
-
-
-def stage_message(token_select, epoch, num_patches):
-    stage = token_select.expansion_stage
-    kept = token_select.kept_tokens(num_patches)
-    return (f'ToE epoch {epoch}: expansion stage {stage}/{token_select.total_expansion_stage}, '
-            f'{kept}/{num_patches} patch tokens kept in training')
 
 
 def to_timm_state_dict(obj):
@@ -158,6 +151,10 @@ def main(args):
         raise SystemExit(f'error: --resume {args.resume}: {e}')
     num_patches = model_without_ddp.patch_embed.num_patches
     token_select = model_without_ddp.token_select
+    try:
+        token_select.check_num_patches(num_patches)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
 
     if args.eval:
         token_select.sparse_inference = False  # stage 0 / flag off: full tokens, as the original's --eval
