@@ -14,7 +14,6 @@ Deviations from the original, all fixes of crashes or additions:
 - `--zip-tokens` evaluates with halted tokens really removed (same logits, less time).
 """
 import datetime
-import json
 import os
 import re
 import sys
@@ -26,9 +25,9 @@ import torch
 
 from shared.amp import amp_enabled
 from shared.args import deit_parser
-from shared.checkpoint import (CheckpointError, auto_resume, load_weights, resume, safe_load, save_checkpoint)
+from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint
 from shared.datasets import build_dataset
-from shared.distributed import get_rank, get_world_size, init_distributed_mode, unwrap_model
+from shared.distributed import get_rank, get_world_size, init_distributed_mode
 from shared.engine import build_criterion, build_mixup, build_optimization, log_epoch, TensorboardLogger
 from shared.models import create_model
 from avit.engine_act import evaluate, train_one_epoch, visualize
@@ -143,32 +142,6 @@ def state_dict_of(checkpoint):
     return checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
 
 
-def load_start_point(model, path, what):
-    """DeiT's fine-tuning load: drop a head of another class count, resize the position embedding to this grid,
-    load non-strictly, but refuse a checkpoint whose body does not fit (shapes, or nothing in common)."""
-    from timm.layers import resample_abs_pos_embed
-    checkpoint = safe_load(path)
-    state = dict(state_dict_of(checkpoint))
-    own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if k in state and k in own and state[k].shape != own[k].shape:
-            print(f'Removing key {k} from pretrained checkpoint')
-            del state[k]
-    if 'pos_embed' in state and state['pos_embed'].shape != own['pos_embed'].shape:
-        grid = model.patch_embed.grid_size
-        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], list(grid), num_prefix_tokens=1,
-                                                    interpolation='bicubic', antialias=False)
-    body = [k for k in own if not k.startswith('head')]
-    if not any(k in state for k in body):
-        raise CheckpointError(f'{what} {path}: none of the model weights are in it (keys like {list(state)[:3]}); '
-                              f'is it a checkpoint of {type(model).__name__} / a timm ViT?')
-    result = load_weights(model, state, strict=False, source=f'{what} {path}')
-    missing = [k for k in result.missing_keys if not k.startswith('head')]
-    if missing:
-        raise CheckpointError(f'{what} {path} lacks {len(missing)} model weights: {missing[:6]}')
-    return result
-
-
 def pretrained_path(args):
     if args.pretrained is True:
         name = DEIT_START_POINTS.get(args.model)
@@ -239,10 +212,10 @@ def main(args):
     if args.pretrained:
         path = pretrained_path(args)
         # The official factory loads the DeiT `model` entry non-strictly; nothing is renamed.
-        load_start_point(model, path, '--pretrained')
+        load_finetune(model, path, '--pretrained')
         print(f'Loaded DeiT start point {path}')
     if args.finetune:
-        load_start_point(model, args.finetune, '--finetune')
+        load_finetune(model, args.finetune, '--finetune')
     if args.finetune:
         model.gate_scale, model.gate_center = args.gate_scale, args.gate_center
         print('Setting h gate scale as {} and bias as {}'.format(args.gate_scale, args.gate_center))

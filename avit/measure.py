@@ -11,13 +11,12 @@ DeiT, in one run, at batch 1 and batch 64, and compares the speed-up with the FL
 
     python tools/benchmark.py --method avit --model avit_tiny_patch16_224 [--finetune CKPT] [--device cuda]
 """
-import argparse
-import os
 
 import torch
 
 from avit.engine_act import per_image_macs
-from avit.main_act import gates_from_file_name, load_start_point
+from avit.main_act import gates_from_file_name
+from shared.checkpoint import load_finetune
 from avit.models_act import avit_models
 from shared.distributed import resolve_device
 from shared.flops import model_macs
@@ -49,7 +48,7 @@ def _build(args, default_gates, num_classes=1000):
     model = create_model(args.model, avit_models, num_classes=args.nb_classes or num_classes,
                          img_size=args.input_size, gate_scale=scale, gate_center=center)
     if args.finetune:
-        load_start_point(model, args.finetune, '--finetune')
+        load_finetune(model, args.finetune, '--finetune')
     print(f'{args.model}: gate_scale {scale}, gate_center {center}, '
           f'weights {args.finetune or "random (seed %d)" % args.seed}')
     return model.eval()

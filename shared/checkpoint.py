@@ -403,3 +403,35 @@ def convert_checkpoint(src, model, pos_embed_mode=None, align_corners=None):
         return npz_to_timm_state_dict(src, model, pos_embed_mode or 'bilinear',
                                       True if align_corners is None else align_corners)
     return to_timm_state_dict(safe_load(src), model, pos_embed_mode or 'bicubic', bool(align_corners))
+
+
+_HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')
+
+
+def load_finetune(model, path, what='--finetune', ignore_missing=()):
+    """DeiT's `--finetune`: the checkpoint's weights (any file `convert_checkpoint` reads), a classifier of another
+    class count dropped, the position embedding resampled to the model's grid, loaded non-strictly.
+
+    Unlike DeiT, a checkpoint that does not fit the model's body stops here with the keys named: one sharing no weight
+    with the model, or lacking some of its non-classifier weights (but those whose name contains one of
+    `ignore_missing`, e.g. modules a method adds to the backbone)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{what}: checkpoint not found: {path}')
+    state = convert_checkpoint(path, model)
+    own = model.state_dict()
+    for k in _HEAD_KEYS:
+        if k in state and k in own and state[k].shape != own[k].shape:
+            print(f'Removing key {k} from pretrained checkpoint')
+            del state[k]
+    body = [k for k in own if not k.startswith('head')]
+    if not any(k in state for k in body):
+        raise CheckpointError(f'{what} {path}: none of the model weights are in it (keys like {list(state)[:3]}); '
+                              f'is it a checkpoint of {type(model).__name__}?')
+    result = load_weights(model, state, strict=False, source=f'{what} {path}')
+    missing = [k for k in result.missing_keys
+               if not k.startswith('head') and not any(part in k for part in ignore_missing)]
+    if missing:
+        raise CheckpointError(f'{what} {path} lacks {len(missing)} weights of the model: {_short(missing)}')
+    if result.unexpected_keys:
+        print(f'{what} {path}: keys not used by the model: {_short(result.unexpected_keys)}')
+    return result

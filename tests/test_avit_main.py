@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from avit import main_act
+from shared.checkpoint import load_finetune
 from avit.models_act import avit_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,7 @@ def test_finetune_refuses_a_checkpoint_of_another_model(tmp_path):
     torch.save({'model': small.state_dict()}, path)
     tiny = avit_models['avit_tiny_patch16_224'](num_classes=10, img_size=32)
     with pytest.raises(main_act.CheckpointError, match='shape mismatch'):
-        main_act.load_start_point(tiny, str(path), '--finetune')
+        load_finetune(tiny, str(path), '--finetune')
 
 
 def test_deit_checkpoint_loads_with_head_and_pos_embed_adapted(tmp_path):
@@ -107,7 +108,7 @@ def test_deit_checkpoint_loads_with_head_and_pos_embed_adapted(tmp_path):
     path = tmp_path / 'deit_tiny_patch16_224-a1311bcf.pth'
     torch.save({'model': deit.state_dict()}, path)
     model = avit_models['avit_tiny_patch16_224'](num_classes=10, img_size=64)
-    result = main_act.load_start_point(model, str(path), '--pretrained')
+    result = load_finetune(model, str(path), '--pretrained')
     assert set(result.missing_keys) == {'head.weight', 'head.bias'}
     assert torch.equal(model.blocks[3].mlp.fc1.weight, deit.blocks[3].mlp.fc1.weight)
     assert model.pos_embed.shape == (1, 17, 192)

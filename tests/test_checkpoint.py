@@ -343,3 +343,26 @@ def test_convert_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'shape mismatch' in err and 'patch_embed.proj.weight' in err
     assert not (tmp_path / 'bad.pth').exists()
+
+
+def test_load_finetune_drops_other_head_resizes_grid_and_refuses_other_models(tmp_path):
+    import timm
+    from shared.checkpoint import CheckpointError, load_finetune
+    src = timm.create_model('vit_tiny_patch16_224', depth=2, num_classes=1000, img_size=64)
+    path = tmp_path / 'deit.pth'
+    torch.save({'model': src.state_dict()}, path)
+    dst = timm.create_model('vit_tiny_patch16_224', depth=2, num_classes=7, img_size=96)
+    head_before = dst.head.weight.clone()
+    load_finetune(dst, str(path))
+    assert torch.equal(dst.head.weight, head_before)  # 1000-class head dropped, 7-class head kept
+    assert torch.equal(dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    assert dst.pos_embed.shape == (1, 1 + 36, 192)
+    other = timm.create_model('vit_small_patch16_224', depth=2, num_classes=7, img_size=64)
+    with pytest.raises(CheckpointError, match='shape mismatch'):
+        load_finetune(other, str(path))
+    shallower = tmp_path / 'shallow.pth'
+    torch.save({'model': {k: v for k, v in src.state_dict().items() if not k.startswith('blocks.1.')}}, shallower)
+    with pytest.raises(CheckpointError, match='lacks 12 weights of the model: blocks.1.'):
+        load_finetune(dst, str(shallower))
+    with pytest.raises(CheckpointError, match='checkpoint not found'):
+        load_finetune(dst, str(tmp_path / 'none.pth'))

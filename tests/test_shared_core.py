@@ -1,5 +1,5 @@
 """The lead's shared core: DeiT argument groups, meters, engine, AMP scaler, FLOPs convention, model resolution."""
-import argparse
+
 
 import pytest
 import torch

@@ -26,7 +26,7 @@ import torch.backends.cudnn as cudnn  # noqa: E402
 
 from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
-from shared.checkpoint import CheckpointError, auto_resume, load_weights, safe_load  # noqa: E402
+from shared.checkpoint import CheckpointError, auto_resume, load_finetune, load_weights, safe_load  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
 from shared.distributed import get_rank, init_distributed_mode, save_on_master  # noqa: E402
 from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch  # noqa: E402
@@ -72,35 +72,6 @@ def check_args(args):
         if args.distillation_type == 'none' or not args.teacher_path:
             raise SystemExit('--r_src -1 (ToCom pre-training) distils from the plain ToMe model: give '
                              '--distillation-type soft --teacher-model deit_base_patch16_224 --teacher-path <DeiT>')
-
-
-def load_finetune(model, path, model_name):
-    """DeiT's --finetune: take ['model'], resample the position embedding to this model's grid, drop a classifier
-    of another class count (upstream forgot this, so DeiT's 1000-class head broke every downstream run), load
-    non-strictly."""
-    from timm.layers import resample_abs_pos_embed
-    checkpoint = safe_load(path)
-    state = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    own = model.state_dict()
-    if 'pos_embed' not in state:
-        raise CheckpointError(f'--finetune {path} has no pos_embed: not a ViT checkpoint for {model_name}')
-    if state['pos_embed'].shape != own['pos_embed'].shape:
-        prefix = model.num_prefix_tokens
-        grid = model.patch_embed.grid_size
-        state['pos_embed'] = resample_abs_pos_embed(state['pos_embed'], new_size=list(grid),
-                                                    num_prefix_tokens=prefix)
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if k in state and k in own and state[k].shape != own[k].shape:
-            print(f'Removing key {k} from pretrained checkpoint')
-            del state[k]
-    missing, unexpected = load_weights(model, state, strict=False, source=f'--finetune {path}')
-    missing = [k for k in missing if 'adapter' not in k]
-    if missing:
-        print(f'--finetune {path}: keys left at initialisation: {", ".join(missing[:8])}'
-              + (' ...' if len(missing) > 8 else ''))
-    if unexpected:
-        print(f'--finetune {path}: keys ignored: {", ".join(unexpected[:8])}' + (' ...' if len(unexpected) > 8 else ''))
 
 
 def load_teacher(args, nb_classes, device):
@@ -187,7 +158,7 @@ def main(args):
     elif args.eval and is_tocom(model) and args.tocom_scale != 0 and args.r_src != args.r_tgt:
         print('warning: --eval without --tocom_path: the compensator is untrained (zero), results equal plain ToMe')
     if args.finetune:
-        load_finetune(model, args.finetune, args.model)
+        load_finetune(model, args.finetune, ignore_missing=('adapter',))
 
     if args.attn_only:
         for name, p in model.named_parameters():

@@ -14,7 +14,6 @@ where the embedded default needs it (model, data set, input size, epochs, batch 
 A run restarted with the same --output_dir continues from its checkpoint (--no-auto-resume to start over).
 """
 import datetime
-import json
 import os
 import random
 import sys
@@ -29,8 +28,7 @@ import torch  # noqa: E402
 
 from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
-from shared.checkpoint import (CheckpointError, auto_resume, convert_checkpoint, load_weights,  # noqa: E402
-                               resume, save_checkpoint)
+from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint  # noqa: E402
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders  # noqa: E402
 from shared.distributed import get_rank, init_distributed_mode, is_main_process  # noqa: E402
 from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization,  # noqa: E402
@@ -50,18 +48,6 @@ DEMO_DEFAULTS = dict(model='vit_digits_patch4_32', data_set='DIGITS', input_size
 
 def get_args_parser():
     return deit_parser('DeiT-style baseline training and evaluation', **DEMO_DEFAULTS)
-
-
-def _finetune(args, model):
-    """DeiT's --finetune: load a checkpoint (any format shared.checkpoint converts), drop a head of another size,
-    resize the position embedding to the model's grid, load non-strictly."""
-    state_dict = convert_checkpoint(args.finetune, model)
-    own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
-            print(f'Removing key {k} from pretrained checkpoint')
-            del state_dict[k]
-    print(load_weights(model, state_dict, strict=False, source=args.finetune))
 
 
 def main(args):
@@ -85,7 +71,7 @@ def main(args):
     model = create_model(args.model, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                          img_size=args.input_size)
     if args.finetune:
-        _finetune(args, model)
+        load_finetune(model, args.finetune)
     model.to(device)
 
     model_ema = None
