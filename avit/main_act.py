@@ -26,8 +26,8 @@ import torch
 from shared.amp import amp_enabled
 from shared.args import deit_parser
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint
-from shared.datasets import build_dataset
-from shared.distributed import get_rank, get_world_size, init_distributed_mode
+from shared.datasets import build_dataset, build_loaders
+from shared.distributed import get_rank, init_distributed_mode
 from shared.engine import build_criterion, build_mixup, build_optimization, log_epoch, TensorboardLogger
 from shared.models import create_model
 from avit.engine_act import evaluate, train_one_epoch, visualize
@@ -157,33 +157,6 @@ def pretrained_path(args):
     return args.pretrained
 
 
-def build_loaders(args, dataset_train, dataset_val):
-    """The official loaders: RASampler (3 repeats) or DistributedSampler for training even on one process, the
-    training batch size for evaluation, and no dropped batches."""
-    from shared.samplers import RASampler
-    num_tasks, global_rank = get_world_size(), get_rank()
-    if args.repeated_aug:
-        sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True)
-    else:
-        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
-                                                            shuffle=True)
-    if args.dist_eval:
-        if len(dataset_val) % num_tasks != 0:
-            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
-                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
-                  'equal num of samples per-process.')
-        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=global_rank,
-                                                          shuffle=False)
-    else:
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    pin = args.pin_mem and torch.cuda.is_available()
-    train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                        num_workers=args.num_workers, pin_memory=pin, drop_last=False)
-    val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
-                                      num_workers=args.num_workers, pin_memory=pin, drop_last=False)
-    return train, val
-
-
 def build_avit(args, num_classes):
     return create_model(args.model, avit_models, num_classes=num_classes, drop_rate=args.drop,
                         drop_path_rate=args.drop_path, drop_block_rate=None, img_size=args.input_size,
@@ -204,7 +177,10 @@ def main(args):
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
-    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
+    # the official loaders: distributed samplers even as a world of one, eval at the training batch size (the demo
+    # needs 50 images a batch), no dropped batches
+    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, eval_batch_size=args.batch_size,
+                                                       samplers_always_distributed=True, drop_last=False)
     mixup_fn = build_mixup(args, args.nb_classes)
 
     print(f'Creating model: {args.model}')

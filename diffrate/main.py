@@ -27,10 +27,9 @@ from diffrate.models import apply_diffrate, create_model, patch_kind
 from shared import args as shared_args
 from shared.amp import NativeScaler, amp_enabled
 from shared.checkpoint import load_weights, resume, safe_load, save_checkpoint, to_timm_state_dict
-from shared.datasets import build_dataset
-from shared.distributed import get_rank, get_world_size, init_distributed_mode, is_main_process
+from shared.datasets import build_dataset, build_loaders
+from shared.distributed import get_rank, init_distributed_mode, is_main_process
 from shared.engine import build_criterion, build_mixup, log_epoch, scale_lr
-from shared.samplers import RASampler
 
 
 def get_args_parser():
@@ -115,35 +114,6 @@ def smallest_reachable_gflops(model):
     return gflops
 
 
-def build_loaders(args, dataset_train, dataset_val):
-    """The reference always uses the distributed samplers (a world of one when single-process), the repeated-aug
-    sampler for training, drop_last, and the training batch size for evaluation."""
-    num_tasks, rank = get_world_size(), get_rank()
-    if args.repeated_aug:
-        sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=rank, shuffle=True)
-    else:
-        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=rank,
-                                                            shuffle=True)
-    if args.dist_eval:
-        if len(dataset_val) % num_tasks != 0:
-            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
-                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
-                  'equal num of samples per-process.')
-        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=rank,
-                                                          shuffle=False)
-    else:
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    pin = args.pin_mem and torch.cuda.is_available()
-    persistent = args.num_workers > 0  # the reference's MultiEpochsDataLoader keeps its workers between epochs
-    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True,
-                                               persistent_workers=persistent)
-    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
-                                             num_workers=args.num_workers, pin_memory=pin, drop_last=False,
-                                             persistent_workers=persistent)
-    return loader_train, loader_val
-
-
 def save_schedule(args, model, epoch=None):
     """The learned schedule as a compression_rate.json entry in <output_dir>/compression_rate.json."""
     prune, merge = model.get_kept_num()
@@ -175,7 +145,10 @@ def main(args, model=None):
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
-    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
+    # the reference's loaders: distributed samplers even as a world of one, eval at the training batch size, workers
+    # kept between epochs
+    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, eval_batch_size=args.batch_size,
+                                                       samplers_always_distributed=True, persistent_workers=True)
     mixup_fn = build_mixup(args, args.nb_classes)
 
     if model is None:

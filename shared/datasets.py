@@ -525,14 +525,20 @@ DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CUB', 'CARS', 'DOGS', 'FLOWERS', 'NAB
 # Loaders
 
 
-def build_loaders(args, dataset_train, dataset_val):
+def build_loaders(args, dataset_train, dataset_val, eval_batch_size=None, samplers_always_distributed=False,
+                  drop_last=True, persistent_workers=False):
     """DeiT's samplers and loaders: distributed -> RASampler (repeated augmentation) or DistributedSampler for
     training, DistributedSampler for evaluation only with --dist-eval; single process -> Random / Sequential.
-    Evaluation batches are 1.5x the training batch; training drops the last incomplete batch."""
+    Evaluation batches are 1.5x the training batch; training drops the last incomplete batch.
+
+    The originals built on older DeiT copies differ in details that change numbers, selectable here:
+    `eval_batch_size` (A-ViT and DiffRate evaluate at the training batch size), `samplers_always_distributed` (they
+    use the distributed samplers even as a world of one), `drop_last` (A-ViT keeps the last batch),
+    `persistent_workers` (DiffRate's MultiEpochsDataLoader keeps its workers between epochs)."""
     from shared.distributed import get_rank, get_world_size
     from shared.samplers import RASampler
 
-    if getattr(args, 'distributed', False):
+    if getattr(args, 'distributed', False) or samplers_always_distributed:
         num_tasks, global_rank = get_world_size(), get_rank()
         if getattr(args, 'repeated_aug', False):
             sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True)
@@ -555,10 +561,11 @@ def build_loaders(args, dataset_train, dataset_val):
     num_workers = getattr(args, 'num_workers', 0)
     # Pinned memory only helps (and only works without a warning) when a GPU is there.
     pin_memory = bool(getattr(args, 'pin_mem', False)) and torch.cuda.is_available()
+    persistent = persistent_workers and num_workers > 0
     data_loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=True)
+        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=persistent)
     data_loader_val = torch.utils.data.DataLoader(
-        dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size), num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=False)
+        dataset_val, sampler=sampler_val, batch_size=eval_batch_size or int(1.5 * args.batch_size),
+        num_workers=num_workers, pin_memory=pin_memory, drop_last=False, persistent_workers=persistent)
     return data_loader_train, data_loader_val
