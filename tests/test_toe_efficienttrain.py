@@ -81,7 +81,7 @@ def test_et_run_script_torchrun_two_processes(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f'img_{i}.JPEG')
     out = tmp_path / 'result'
     r = run_script(['toe/EfficientTrain/ET_training.py', '--data_path', data, '--output_dir', out,
-                    '--model', 'deit_small_patch16_224', '--final_bs', '1', '--epochs', '5', '--num_gpus', '2',
+                    '--model', 'deit_small_patch16_224', '--final_bs', '2', '--epochs', '5', '--num_gpus', '2',
                     '--num_workers', '0', '--master_port', '0',
                     '--extra', '--update_freq 1 --expansion-step 0 2 4 --nb_classes 2'], timeout=3000)
     assert r.returncode == 0, r.stdout[-4000:]

@@ -67,7 +67,7 @@ def get_args_parser():
 def chunk_command(args, index, retry=False):
     batch = args.final_bs * 2 if index < 4 else args.final_bs
     if retry:
-        batch //= 2
+        batch = max(batch // 2, 1)
     update_freq = max(int(4096 / args.num_gpus / batch), 1)
     launcher = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={args.num_gpus}']
     launcher += ['--standalone'] if retry or not args.master_port else [f'--master_port={args.master_port}']
