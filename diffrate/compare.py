@@ -17,6 +17,10 @@ FLOPs weight: DiffRate's lambda = 5 is tuned for GFLOPs of DeiT scale (the penal
 GFLOPs). A 0.045-GFLOPs digits ViT makes that penalty ~1e-3 of the classification loss, so the search would ignore
 the target. `--diffrate-flops-weight` (default: 5 x (1.254 / baseline GFLOPs)^2, i.e. DeiT-T's balance) restores the
 reference's balance; 5 gives the reference's literal value.
+
+Everything else is the entry script's defaults (mixup/cutmix, random erasing, drop path 0.1 during the search) but
+RandAugment, which PIL >= 10 refuses at its top posterize magnitude. Default targets: 70 % and 50 % of the
+baseline's GFLOPs. `ctx.quick` (tests) searches on 128 generated images of the same size (FAKE) instead.
 """
 import contextlib
 import io
