@@ -408,30 +408,37 @@ def convert_checkpoint(src, model, pos_embed_mode=None, align_corners=None):
 _HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')
 
 
-def load_finetune(model, path, what='--finetune', ignore_missing=()):
+def load_finetune(model, path, what='--finetune', ignore_missing=(), head_keys=_HEAD_KEYS):
     """DeiT's `--finetune`: the checkpoint's weights (any file `convert_checkpoint` reads), a classifier of another
-    class count dropped, the position embedding resampled to the model's grid, loaded non-strictly.
-
-    Unlike DeiT, a checkpoint that does not fit the model's body stops here with the keys named: one sharing no weight
-    with the model, or lacking some of its non-classifier weights (but those whose name contains one of
-    `ignore_missing`, e.g. modules a method adds to the backbone)."""
+    class count dropped, the position embedding resampled to the model's grid, loaded non-strictly (see
+    `load_finetune_state`)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'{what}: checkpoint not found: {path}')
-    state = convert_checkpoint(path, model)
+    return load_finetune_state(model, convert_checkpoint(path, model), f'{what} {path}', ignore_missing, head_keys)
+
+
+def load_finetune_state(model, state, source, ignore_missing=(), head_keys=_HEAD_KEYS):
+    """Load a timm-layout state dict for fine-tuning. Classifier weights (`head_keys`) of another shape are dropped,
+    as DeiT does. Unlike DeiT, a checkpoint that does not fit the model's body stops here with the keys named: one
+    sharing no weight with the model, or lacking some of its non-classifier weights (but those whose name contains one
+    of `ignore_missing`, e.g. modules a method adds to the backbone)."""
+    state = dict(state)
     own = model.state_dict()
-    for k in _HEAD_KEYS:
+    _fit_pos_embed(state, model, 'bicubic', False)
+    for k in head_keys:
         if k in state and k in own and state[k].shape != own[k].shape:
             print(f'Removing key {k} from pretrained checkpoint')
             del state[k]
-    body = [k for k in own if not k.startswith('head')]
+    heads = tuple(k.rsplit('.', 1)[0] for k in head_keys)
+    body = [k for k in own if not k.startswith(heads)]
     if not any(k in state for k in body):
-        raise CheckpointError(f'{what} {path}: none of the model weights are in it (keys like {list(state)[:3]}); '
+        raise CheckpointError(f'{source}: none of the model weights are in it (keys like {list(state)[:3]}); '
                               f'is it a checkpoint of {type(model).__name__}?')
-    result = load_weights(model, state, strict=False, source=f'{what} {path}')
+    result = load_weights(model, state, strict=False, source=source)
     missing = [k for k in result.missing_keys
-               if not k.startswith('head') and not any(part in k for part in ignore_missing)]
+               if not k.startswith(heads) and not any(part in k for part in ignore_missing)]
     if missing:
-        raise CheckpointError(f'{what} {path} lacks {len(missing)} weights of the model: {_short(missing)}')
+        raise CheckpointError(f'{source} lacks {len(missing)} weights of the model: {_short(missing)}')
     if result.unexpected_keys:
-        print(f'{what} {path}: keys not used by the model: {_short(result.unexpected_keys)}')
+        print(f'{source}: keys not used by the model: {_short(result.unexpected_keys)}')
     return result

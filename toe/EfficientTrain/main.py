@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from shared.amp import NativeScaler, autocast
+from shared.args import str2bool
 from shared.checkpoint import CheckpointError, atomic_save, load_weights, safe_load, to_timm_state_dict
 from shared.datasets import DatasetLayoutError, build_dataset
 from shared.distributed import all_reduce_mean, get_rank, get_world_size, init_distributed_mode, is_main_process
@@ -30,16 +31,6 @@ from shared.engine import evaluate
 from shared.metrics import MetricLogger, SmoothedValue
 from toe.deit.models import ARCHS, create_model
 from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
-
-
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ('yes', 'true', 't', 'y', '1'):
-        return True
-    if v.lower() in ('no', 'false', 'f', 'n', '0'):
-        return False
-    raise argparse.ArgumentTypeError(f'boolean value expected, got {v!r}')
 
 
 def get_args_parser():

@@ -5,7 +5,6 @@ DeiT's trainer with one change per epoch: the TokenSelect stage is set from the 
 training, then off for evaluating the online model (on with --sparse-eval). The EMA copy is always evaluated on all
 tokens (its flag is never set in the original either).
 """
-import argparse
 import datetime
 import os
 import time
@@ -16,7 +15,8 @@ import torch.backends.cudnn as cudnn
 
 from shared.amp import amp_enabled
 from shared.args import deit_parser
-from shared.checkpoint import CheckpointError, auto_resume, load_weights, resume, safe_load, save_checkpoint
+from shared.checkpoint import (CheckpointError, auto_resume, load_finetune, load_weights, resume, safe_load,
+                               save_checkpoint, to_timm_state_dict)
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders
 from shared.distributed import get_rank, init_distributed_mode, is_main_process
 from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch
@@ -39,37 +39,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_toe_args(parser, args)
     return args
-
-
-def to_timm_state_dict(obj):
-    """shared.checkpoint's conversion when it has landed, else DeiT's {'model': ...} unwrapping."""
-    try:
-        from shared.checkpoint import to_timm_state_dict as convert
-    except ImportError:
-        return obj['model'] if isinstance(obj, dict) and 'model' in obj else obj
-    return convert(obj)
-
-
-def load_finetune(model, path):
-    """DeiT's --finetune: drop a classifier of another size, bicubically resize the position embedding, load the
-    rest non-strictly."""
-    from timm.layers import resample_abs_pos_embed
-    checkpoint_model = to_timm_state_dict(safe_load(path))
-    state_dict = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if k in checkpoint_model and k in state_dict and checkpoint_model[k].shape != state_dict[k].shape:
-            print(f'Removing key {k} from pretrained checkpoint')
-            del checkpoint_model[k]
-    if 'pos_embed' in checkpoint_model:
-        pos_embed = checkpoint_model['pos_embed']
-        num_patches = model.patch_embed.num_patches
-        num_extra = model.pos_embed.shape[-2] - num_patches
-        new_size = int(num_patches ** 0.5)
-        prefix = 0 if getattr(model, 'no_embed_class', False) else num_extra
-        checkpoint_model['pos_embed'] = resample_abs_pos_embed(
-            pos_embed, (new_size, new_size), num_prefix_tokens=prefix, interpolation='bicubic', antialias=False,
-            verbose=True)
-    return load_weights(model, checkpoint_model, strict=False, source=path)
 
 
 def set_attn_only(model):

@@ -5,7 +5,6 @@ built from the label maps: [:, :, 0] ground truth one-hot, [:, :, 1] class-token
 Under MixToken the class target is mixed with the flipped batch by the box area. With ToE the dense loss also covers
 the zero-filled positions of dropped tokens (their logits are the head bias), as in the original.
 """
-import torch
 from torch import nn
 from timm.loss import SoftTargetCrossEntropy
 

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from shared.amp import NativeScaler, autocast
-from shared.checkpoint import CheckpointError, atomic_save, load_weights, safe_load, to_timm_state_dict
+from shared.checkpoint import CheckpointError, atomic_save, load_finetune_state, load_weights, safe_load, to_timm_state_dict
 from shared.datasets import DatasetLayoutError, image_folder
 from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_process
 from shared.engine import evaluate
@@ -186,7 +186,6 @@ def parse_args(argv=None):
 def load_finetune(model, path, use_ema, num_classes):
     """TokenLabeling's load_pretrained_weights: EMA weights when asked and present, heads of another size dropped,
     a position embedding of another grid resized, the rest loaded non-strictly."""
-    from shared.checkpoint import resize_pos_embed
     obj = safe_load(path)
     if isinstance(obj, dict) and use_ema and 'state_dict_ema' in obj:
         state = obj['state_dict_ema']
@@ -195,15 +194,8 @@ def load_finetune(model, path, use_ema, num_classes):
     else:
         state = to_timm_state_dict(obj)
     state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
-    own = model.state_dict()
-    for key in ('head.weight', 'head.bias', 'aux_head.weight', 'aux_head.bias'):
-        if key in state and key in own and state[key].shape != own[key].shape:
-            print(f'| --finetune: dropping {key} {tuple(state[key].shape)} (model has {num_classes} classes)')
-            del state[key]
-    if 'pos_embed' in state and state['pos_embed'].shape != own['pos_embed'].shape:
-        side = int(model.patch_embed.num_patches ** 0.5)
-        state['pos_embed'] = resize_pos_embed(state['pos_embed'], (side, side), num_prefix_tokens=1)
-    return load_weights(model, state, strict=False, source=path)
+    return load_finetune_state(model, state, f'--finetune {path}',
+                               head_keys=('head.weight', 'head.bias', 'aux_head.weight', 'aux_head.bias'))
 
 
 class Saver:
