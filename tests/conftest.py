@@ -10,7 +10,12 @@ if str(ROOT) not in sys.path:
 
 # Tests never reach a model hub or a dataset URL.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# One intra-op thread per process: the suite runs as 2 xdist workers on 2 cores, and oversubscribed cores made torch
+# up to ten times slower here. Subprocesses inherit the variable.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 
 @pytest.fixture
