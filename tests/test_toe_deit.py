@@ -103,7 +103,8 @@ def test_run_script_torchrun_two_processes(tmp_path):
     r = torchrun(args, timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:]
     assert 'expansion stage 1/3, 98/196' in r.stdout and 'expansion stage 2/3, 147/196' in r.stdout
-    r = torchrun([a if a != '2' or i != len(args) - 3 else '3' for i, a in enumerate(args)], timeout=1200)
+    assert args[-2:] == ['--epochs', '2']
+    r = torchrun(args[:-1] + ['3'], timeout=1200)  # the same command for 3 epochs: resumes into stage 3
     assert r.returncode == 0, r.stdout[-4000:]
     assert 'expansion stage 3/3, 196/196' in r.stdout
     assert [e['train_kept_tokens'] for e in _log(out)] == [98, 147, 196]
