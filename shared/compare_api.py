@@ -64,6 +64,17 @@ def load_base_model(ctx, **overrides):
     return model
 
 
+def make_data_args(data_set='DIGITS', data_path='', input_size=32, batch_size=128, num_workers=0, seed=0):
+    """The data settings every method of a comparison evaluates and derives its models with (DeiT's augmentation
+    flags at their defaults, no random erasing, single process)."""
+    return argparse.Namespace(
+        data_set=data_set, data_path=data_path, input_size=input_size, batch_size=batch_size, num_workers=num_workers,
+        pin_mem=False, eval_crop_ratio=0.875 if input_size >= 224 else 1.0, color_jitter=0.3,
+        aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic', reprob=0.0, remode='pixel', recount=1,
+        repeated_aug=False, distributed=False, dist_eval=False, inat_category='name', seed=seed, fake_size=256,
+        fake_classes=10, ThreeAugment=False, src=False)
+
+
 def data_args(ctx, **overrides):
     return argparse.Namespace(**{**vars(ctx.data_args), **overrides})
 

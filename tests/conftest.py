@@ -23,6 +23,19 @@ def repo_root():
     return ROOT
 
 
+@pytest.fixture
+def compare_ctx(tmp_path):
+    """A tools/compare.py context on the digits with a random-weight baseline and the smallest budgets."""
+    from shared.compare_api import Context, make_data_args
+    from shared.models import create_model
+    torch.manual_seed(0)
+    base = tmp_path / 'baseline.pth'
+    torch.save({'model': create_model('vit_digits_patch4_32').state_dict()}, base)
+    return Context(base_checkpoint=str(base), model_name='vit_digits_patch4_32', model_kwargs={'num_classes': 10},
+                   data_args=make_data_args(), cache_dir=str(tmp_path / 'cache'), device=torch.device('cpu'),
+                   epochs=1, quick=True)
+
+
 def run_script(args, cwd=None, env=None, timeout=600):
     """Run a repository script with this interpreter; returns the CompletedProcess (stdout+stderr merged)."""
     import subprocess

@@ -8,26 +8,15 @@ import torch
 from diffrate import compare as diffrate_hook
 from diffrate.flops import vit_gflops, vit_token_counts
 from shared.checkpoint import safe_load
-from shared.compare_api import Context, MissingArtefact, data_args, load_base_model
+from shared.compare_api import MissingArtefact, data_args, load_base_model
 from shared.datasets import build_dataset
 from shared.flops import model_macs
-from shared.models import create_model
 from tavt import compare as tavt_hook
 
 
 @pytest.fixture
-def ctx(tmp_path):
-    torch.manual_seed(0)
-    base = tmp_path / 'baseline.pth'
-    torch.save({'model': create_model('vit_digits_patch4_32').state_dict()}, base)
-    data = argparse.Namespace(
-        data_set='DIGITS', data_path='', input_size=32, batch_size=128, num_workers=0, pin_mem=False,
-        eval_crop_ratio=1.0, color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic', reprob=0.0,
-        remode='pixel', recount=1, repeated_aug=False, distributed=False, dist_eval=False, inat_category='name',
-        seed=0, fake_size=256, fake_classes=10, ThreeAugment=False, src=False)
-    return Context(base_checkpoint=str(base), model_name='vit_digits_patch4_32',
-                   model_kwargs={'num_classes': 10, 'img_size': 32}, data_args=data, cache_dir=str(tmp_path / 'cache'),
-                   device=torch.device('cpu'), epochs=1, quick=True)
+def ctx(compare_ctx):
+    return compare_ctx
 
 
 def digits_batch(ctx, n=8):

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)  # run from a plain checkout too
 
 import torch  # noqa: E402
 
-from shared.compare_api import Context, MissingArtefact, Variant  # noqa: E402
+from shared.compare_api import Context, MissingArtefact, Variant, make_data_args  # noqa: E402
 
 # method name -> hook module (the protocol is in shared/compare_api.py)
 METHOD_MODULES = {
@@ -160,12 +160,7 @@ def build_context(args):
     model_kwargs = {'num_classes': int(head.shape[0]) if head is not None else 1000}
     if input_size != 224 or args.model == 'vit_digits_patch4_32':
         model_kwargs['img_size'] = input_size
-    data_args = argparse.Namespace(
-        data_set=args.data_set, data_path=args.data_path, input_size=input_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, pin_mem=False, eval_crop_ratio=0.875 if input_size >= 224 else 1.0,
-        color_jitter=0.3, aa='rand-m9-mstd0.5-inc1', train_interpolation='bicubic', reprob=0.0, remode='pixel',
-        recount=1, repeated_aug=False, distributed=False, dist_eval=False, inat_category='name', seed=args.seed,
-        fake_size=256, fake_classes=10, ThreeAugment=False, src=False)
+    data_args = make_data_args(args.data_set, args.data_path, input_size, args.batch_size, args.num_workers, args.seed)
     return Context(base_checkpoint=ckpt, model_name=args.model, model_kwargs=model_kwargs, data_args=data_args,
                    cache_dir=args.cache_dir, device=torch.device(args.device), seed=args.seed,
                    epochs=1 if args.quick else args.epochs, artefacts={}, quick=args.quick)
