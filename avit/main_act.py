@@ -27,7 +27,7 @@ from shared.amp import amp_enabled
 from shared.args import deit_parser
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint
 from shared.datasets import build_dataset, build_loaders
-from shared.distributed import get_rank, init_distributed_mode
+from shared.distributed import get_rank, init_distributed_mode, wrap_ddp
 from shared.engine import build_criterion, build_mixup, build_optimization, log_epoch, TensorboardLogger
 from shared.models import create_model
 from avit.engine_act import evaluate, train_one_epoch, visualize
@@ -203,12 +203,8 @@ def main(args):
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
                                device='cpu' if args.model_ema_force_cpu else None)
 
-    model_without_ddp = model
-    if args.distributed:
-        # The official run passes find_unused_parameters=True; the halting loop uses every parameter.
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
-                                                          else None)
-        model_without_ddp = model.module
+    # The official run passes find_unused_parameters=True; the halting loop uses every parameter.
+    model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 

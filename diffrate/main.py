@@ -28,7 +28,7 @@ from shared import args as shared_args
 from shared.amp import NativeScaler, amp_enabled
 from shared.checkpoint import load_weights, resume, safe_load, save_checkpoint, to_timm_state_dict
 from shared.datasets import build_dataset, build_loaders
-from shared.distributed import get_rank, init_distributed_mode, is_main_process
+from shared.distributed import get_rank, init_distributed_mode, is_main_process, wrap_ddp
 from shared.engine import build_criterion, build_mixup, log_epoch, scale_lr
 
 
@@ -166,11 +166,7 @@ def main(args, model=None):
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(device)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
-                                                          else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters())
     print(f'number of params: {n_parameters}')
     scale_lr(args)  # logged only: the network is frozen

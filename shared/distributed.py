@@ -1,4 +1,5 @@
 """Process-group set-up and rank helpers (DeiT's utils, made to work single-process and on CPU too)."""
+import atexit
 import builtins
 import datetime
 import os
@@ -12,6 +13,11 @@ _warned_cpu_fallback = False
 
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
+
+
+def destroy_process_group():
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
 
 
 def get_world_size():
@@ -127,5 +133,20 @@ def init_distributed_mode(args):
     print(f'| distributed init (rank {args.rank}): {dist_url}, backend {args.dist_backend}', flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method=dist_url, world_size=args.world_size,
                             rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    # Tear the group down before the interpreter does: a gloo group left to die with the process sometimes aborted
+    # it at exit ("terminate called without an active exception") after a run had finished.
+    atexit.register(destroy_process_group)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+def wrap_ddp(model, args, find_unused_parameters=False):
+    """(model, model_without_ddp): the model in DistributedDataParallel when the run is distributed (device_ids only
+    on CUDA, where each rank owns one GPU), and the bare module either way."""
+    if not getattr(args, 'distributed', False):
+        return model, model
+    device = torch.device(args.device)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None,
+        find_unused_parameters=find_unused_parameters)
+    return ddp, ddp.module

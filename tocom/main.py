@@ -28,7 +28,7 @@ from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, load_weights, safe_load  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
-from shared.distributed import get_rank, init_distributed_mode, save_on_master  # noqa: E402
+from shared.distributed import get_rank, init_distributed_mode, save_on_master, wrap_ddp  # noqa: E402
 from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch  # noqa: E402
 from tocom.engine import make_loss_fn, train_one_epoch  # noqa: E402
 from tocom.models import (DEFAULT_STEPS, create_tocom_model, fold_compensator, is_tocom,  # noqa: E402
@@ -177,11 +177,7 @@ def main(args):
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
                                device='cpu' if args.model_ema_force_cpu else None)
 
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=True)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args, find_unused_parameters=True)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
     amp = amp_enabled(args, device)

@@ -30,7 +30,7 @@ from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint  # noqa: E402
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders  # noqa: E402
-from shared.distributed import get_rank, init_distributed_mode, is_main_process  # noqa: E402
+from shared.distributed import get_rank, init_distributed_mode, is_main_process, wrap_ddp  # noqa: E402
 from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization,  # noqa: E402
                            evaluate, log_epoch, train_one_epoch)
 from shared.models import create_model  # noqa: E402
@@ -79,11 +79,7 @@ def main(args):
         from timm.utils import ModelEmaV2
         model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
 
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 

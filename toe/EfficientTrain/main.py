@@ -26,7 +26,8 @@ from shared.amp import NativeScaler, autocast
 from shared.args import str2bool
 from shared.checkpoint import CheckpointError, atomic_save, load_weights, safe_load, to_timm_state_dict
 from shared.datasets import DatasetLayoutError, build_dataset
-from shared.distributed import all_reduce_mean, get_rank, get_world_size, init_distributed_mode, is_main_process
+from shared.distributed import (all_reduce_mean, get_rank, get_world_size, init_distributed_mode, is_main_process,
+                                wrap_ddp)
 from shared.engine import evaluate
 from shared.metrics import MetricLogger, SmoothedValue
 from toe.deit.models import ARCHS, create_model
@@ -333,11 +334,7 @@ def main(args):
     if args.model_ema:
         model_ema = ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '',
                              resume='')
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     total_batch_size = args.batch_size * args.update_freq * get_world_size()

@@ -18,7 +18,7 @@ from shared.args import deit_parser
 from shared.checkpoint import (CheckpointError, auto_resume, load_finetune, load_weights, resume, safe_load,
                                save_checkpoint, to_timm_state_dict)
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders
-from shared.distributed import get_rank, init_distributed_mode, is_main_process
+from shared.distributed import get_rank, init_distributed_mode, is_main_process, wrap_ddp
 from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch
 from toe.deit.engine import train_one_epoch
 from toe.deit.models import create_model
@@ -98,11 +98,7 @@ def main(args):
         model_ema = ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '',
                              resume='')
 
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 

@@ -30,7 +30,7 @@ import yaml
 from shared.amp import NativeScaler, autocast
 from shared.checkpoint import CheckpointError, atomic_save, load_finetune_state, load_weights, safe_load, to_timm_state_dict
 from shared.datasets import DatasetLayoutError, image_folder
-from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_process
+from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_process, wrap_ddp
 from shared.engine import evaluate
 from toe.lvvit.data import TokenLabelFolder, smoothed_one_hot, token_label_target, token_label_train_transform
 from toe.lvvit.loss import TokenLabelCrossEntropy
@@ -429,11 +429,7 @@ def main(args, args_text=''):
             obj = safe_load(args.resume)
             if 'state_dict_ema' in obj:
                 load_weights(model_ema.module, obj['state_dict_ema'], source=f'{args.resume} (state_dict_ema)')
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args)
 
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)
     start_epoch = args.start_epoch if args.start_epoch is not None else resume_epoch or 0
