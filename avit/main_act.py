@@ -20,14 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from shared.amp import amp_enabled
 from shared.args import deit_parser
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint
 from shared.datasets import build_dataset, build_loaders
-from shared.distributed import get_rank, init_distributed_mode, wrap_ddp
+from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp
 from shared.engine import build_criterion, build_mixup, build_optimization, log_epoch, TensorboardLogger
 from shared.models import create_model
 from avit.engine_act import evaluate, train_one_epoch, visualize
@@ -170,9 +169,7 @@ def main(args):
     device = torch.device(args.device)
     amp = amp_enabled(args, device)
 
-    seed = args.seed + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    seed_per_rank(args.seed)
     torch.backends.cudnn.benchmark = True
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)

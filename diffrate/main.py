@@ -17,7 +17,6 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
@@ -28,7 +27,7 @@ from shared import args as shared_args
 from shared.amp import NativeScaler, amp_enabled
 from shared.checkpoint import load_weights, resume, safe_load, save_checkpoint, to_timm_state_dict
 from shared.datasets import build_dataset, build_loaders
-from shared.distributed import get_rank, init_distributed_mode, is_main_process, wrap_ddp
+from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp
 from shared.engine import build_criterion, build_mixup, log_epoch, scale_lr
 
 
@@ -131,9 +130,7 @@ def main(args, model=None):
     init_distributed_mode(args)
     print(args)
     device = torch.device(args.device)
-    seed = args.seed + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    seed_per_rank(args.seed)
     torch.backends.cudnn.benchmark = True
     amp = amp_enabled(args, device)
 

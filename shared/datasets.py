@@ -115,7 +115,28 @@ class CIFAR(torch.utils.data.Dataset):
 # DeiT's iNaturalist json layout
 
 
-class INatDataset(torch.utils.data.Dataset):
+class _ImageList(torch.utils.data.Dataset):
+    """(path, label) samples read lazily as RGB PIL images."""
+    nb_classes = None
+
+    def __init__(self, samples, transform, loader=default_loader):
+        self.samples = samples
+        self.targets = [t for _, t in samples]
+        self.transform = transform
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        img = self.loader(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+class INatDataset(_ImageList):
     """DeiT's iNaturalist reader: `<root>/train{year}.json`, `<root>/val{year}.json`, `<root>/categories.json`
     (COCO-style json: `images[i].file_name` = `<dir>/<super>/<category id>/<file>` relative to root,
     `annotations[i].category_id`; `categories.json` is a list indexed by category id). Labels number the values of
@@ -123,8 +144,6 @@ class INatDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, is_train=True, transform=None, year=2018, category='name', loader=default_loader):
         self.root = root
-        self.transform = transform
-        self.loader = loader
         split = 'train' if is_train else 'val'
         path_json = _require(os.path.join(root, f'{split}{year}.json'), f'iNaturalist {year} {split} annotations')
         with open(path_json) as f:
@@ -140,25 +159,16 @@ class INatDataset(torch.utils.data.Dataset):
                 if king not in targeter:
                     targeter[king] = indexer
                     indexer += 1
-            self.nb_classes = len(targeter)
-            self.samples = []
+            nb_classes = len(targeter)
+            samples = []
             for elem in data['images']:
                 cut = elem['file_name'].split('/')
                 target_current = targeter[data_catg[int(cut[2])][category]]
-                self.samples.append((os.path.join(root, cut[0], cut[2], cut[3]), target_current))
+                samples.append((os.path.join(root, cut[0], cut[2], cut[3]), target_current))
         except (KeyError, IndexError, TypeError) as e:
             raise DatasetLayoutError(f'{path_json}: not the iNaturalist {year} json layout ({e!r})') from None
-        self.targets = [t for _, t in self.samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        img = self.loader(path)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
+        super().__init__(samples, transform, loader)
+        self.nb_classes = nb_classes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,27 +206,6 @@ def _mat_field(mat, key, path):
     if key not in mat:
         raise DatasetLayoutError(f"{path}: no '{key}' entry (has {sorted(k for k in mat if not k.startswith('__'))})")
     return np.atleast_1d(mat[key])
-
-
-class _ImageList(torch.utils.data.Dataset):
-    """(path, label) samples read lazily as RGB PIL images."""
-    nb_classes = None
-
-    def __init__(self, samples, transform, loader=default_loader):
-        self.samples = samples
-        self.targets = [t for _, t in samples]
-        self.transform = transform
-        self.loader = loader
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        img = self.loader(path)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
 
 
 def _cub_style_samples(base, is_train, what, label_of=lambda raw: raw - 1):

@@ -66,6 +66,19 @@ def unwrap_model(model):
     return model.module if hasattr(model, 'module') else model
 
 
+def seed_per_rank(seed, python_random=False):
+    """DeiT's seeding: torch and numpy get seed + rank (so ranks augment differently); python's `random` only when
+    asked, because the DeiT copies the originals carry leave it unseeded. Returns the rank's seed."""
+    import numpy as np
+    seed = seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if python_random:
+        import random
+        random.seed(seed)
+    return seed
+
+
 def resolve_device(name):
     """torch.device for `name`, falling back to the CPU (saying so once) when CUDA is asked for but absent."""
     global _warned_cpu_fallback

@@ -20,7 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout works too
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.backends.cudnn as cudnn  # noqa: E402
 
@@ -28,7 +27,7 @@ from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, load_weights, safe_load  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
-from shared.distributed import get_rank, init_distributed_mode, save_on_master, wrap_ddp  # noqa: E402
+from shared.distributed import init_distributed_mode, save_on_master, seed_per_rank, wrap_ddp  # noqa: E402
 from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch  # noqa: E402
 from tocom.engine import make_loss_fn, train_one_epoch  # noqa: E402
 from tocom.models import (DEFAULT_STEPS, create_tocom_model, fold_compensator, is_tocom,  # noqa: E402
@@ -135,10 +134,8 @@ def main(args):
     print(args)
     device = torch.device(args.device)
 
-    seed = args.seed + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)  # python's random drives timm's RandAugment; upstream (DeiT) left it unseeded
+    # python's random drives timm's RandAugment; upstream (DeiT) left it unseeded
+    seed = seed_per_rank(args.seed, python_random=True)
     pair_rng = random.Random(seed)  # the (r_tgt, r_src) draws; upstream left python's random unseeded
     cudnn.benchmark = True
 

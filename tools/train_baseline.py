@@ -15,7 +15,6 @@ A run restarted with the same --output_dir continues from its checkpoint (--no-a
 """
 import datetime
 import os
-import random
 import sys
 import time
 
@@ -23,14 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a plain checkout too
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint  # noqa: E402
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders  # noqa: E402
-from shared.distributed import get_rank, init_distributed_mode, is_main_process, wrap_ddp  # noqa: E402
+from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp  # noqa: E402
 from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization,  # noqa: E402
                            evaluate, log_epoch, train_one_epoch)
 from shared.models import create_model  # noqa: E402
@@ -56,10 +54,7 @@ def main(args):
     device = torch.device(args.device)
     amp = amp_enabled(args, device)
 
-    seed = args.seed + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    seed_per_rank(args.seed, python_random=True)
     torch.backends.cudnn.benchmark = True
 
     dataset_train, nb_classes = build_dataset(is_train=True, args=args)

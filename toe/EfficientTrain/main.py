@@ -26,8 +26,8 @@ from shared.amp import NativeScaler, autocast
 from shared.args import str2bool
 from shared.checkpoint import CheckpointError, atomic_save, load_weights, safe_load, to_timm_state_dict
 from shared.datasets import DatasetLayoutError, build_dataset
-from shared.distributed import (all_reduce_mean, get_rank, get_world_size, init_distributed_mode, is_main_process,
-                                wrap_ddp)
+from shared.distributed import (all_reduce_mean, get_world_size, init_distributed_mode, is_main_process,
+                                seed_per_rank, wrap_ddp)
 from shared.engine import evaluate
 from shared.metrics import MetricLogger, SmoothedValue
 from toe.deit.models import ARCHS, create_model
@@ -283,9 +283,7 @@ def main(args):
     print(args)
     device = torch.device(args.device)
     args.amp = bool(args.use_amp) and device.type == 'cuda'
-    seed = args.seed + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    seed_per_rank(args.seed)
 
     # images are read at base_input_size; the model is built for input_size
     data_args = argparse.Namespace(**{**vars(args), 'input_size': args.base_input_size, 'data_set': (

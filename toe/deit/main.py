@@ -9,7 +9,6 @@ import datetime
 import os
 import time
 
-import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
 
@@ -18,7 +17,7 @@ from shared.args import deit_parser
 from shared.checkpoint import (CheckpointError, auto_resume, load_finetune, load_weights, resume, safe_load,
                                save_checkpoint, to_timm_state_dict)
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders
-from shared.distributed import get_rank, init_distributed_mode, is_main_process, wrap_ddp
+from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp
 from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch
 from toe.deit.engine import train_one_epoch
 from toe.deit.models import create_model
@@ -68,9 +67,7 @@ def main(args):
     print(args)
     device = torch.device(args.device)
     amp = amp_enabled(args, device)
-    seed = args.seed + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    seed_per_rank(args.seed)
     cudnn.benchmark = True
 
     try:
