@@ -71,14 +71,46 @@ def test_zipped_equals_masked(batch):
     model = with_varied_depths(tiny()).eval()
     x = torch.randn(batch, 3, 64, 64)
     with torch.no_grad():
-        masked = model(x)
+        masked_features = model.forward_features(x)
+        masked = model.forward_head(masked_features)
         counters, rho = model.counter_token.clone(), model.rho_token.clone()
         model.zip_tokens = True
+        zipped_features = model.forward_features(x)
         zipped = model(x)
     assert torch.equal(model.counter_token, counters)
     torch.testing.assert_close(model.rho_token, rho, atol=1e-5, rtol=0)
+    # Every token's halting-weighted state, not only the classified class token.
+    torch.testing.assert_close(zipped_features, masked_features, atol=1e-5, rtol=0)
     torch.testing.assert_close(zipped, masked, atol=1e-5, rtol=0)
     assert counters.min() < 12  # something was actually removed
+    if batch > 1:  # images kept different token counts somewhere, so the padded, key-masked packing was used
+        active = torch.stack([(counters > layer).sum(1) for layer in range(12)])
+        assert any(len(torch.unique(row)) > 1 for row in active)
+
+
+def test_zipped_image_with_every_token_halted_next_to_a_deep_one():
+    """Image 0 halts completely in block 1 and rides along as pure padding (every key masked) while image 1 goes on."""
+    torch.manual_seed(2)
+    model = tiny(gate_scale=1., gate_center=0.).eval()
+    with torch.no_grad():
+        # Channel 0 (the halting input) leaves block 1 as it entered: the patch's pixel sum, +1 for the class token.
+        block = model.blocks[0]
+        for layer in (block.attn.proj, block.mlp.fc2):
+            layer.weight[0] = 0.
+            layer.bias[0] = 0.
+        model.patch_embed.proj.weight[0] = 1.
+        model.patch_embed.proj.bias[0] = 0.
+        model.pos_embed[..., 0] = 0.
+        model.cls_token[..., 0] = 100.
+        x = torch.randn(2, 3, 64, 64).abs()
+        x[1] *= -1  # image 0: positive sums, score ~1, halts; image 1: negative sums, score ~0, goes on
+        masked = model(x)
+        counters = model.counter_token.clone()
+        model.zip_tokens = True
+        zipped = model(x)
+    assert torch.all(counters[0] == 1) and torch.all(counters[1, 1:] > 1)
+    assert torch.equal(model.counter_token, counters)
+    torch.testing.assert_close(zipped, masked, atol=1e-5, rtol=0)
 
 
 def test_zipped_path_only_at_inference():
