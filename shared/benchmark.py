@@ -33,6 +33,32 @@ def throughput(model, input_size=(3, 224, 224), batch_size=64, device='cpu', dty
     return batch_size * runs / elapsed
 
 
+@torch.no_grad()
+def interleaved_throughput(forwards, inputs, rounds=5, runs=4, warmup=2, dtype=torch.float32):
+    """Images per second of several forwards on the same batch, timed in alternation: `rounds` rounds, each running
+    every forward `runs` times in turn; the median round counts. A machine whose speed drifts (a shared VM, clocks,
+    another process) then shifts every forward alike instead of whichever was timed last.
+
+    forwards: {name: fn(x)}; returns {name: img/s}."""
+    import statistics
+    device = inputs.device
+    x = inputs.to(dtype=dtype) if inputs.is_floating_point() else inputs
+    seconds = {name: [] for name in forwards}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for fn in forwards.values():
+            for _ in range(warmup):
+                fn(x)
+        for _ in range(rounds):
+            for name, fn in forwards.items():
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(runs):
+                    fn(x)
+                _sync(device)
+                seconds[name].append((time.perf_counter() - start) / runs)
+    return {name: x.shape[0] / statistics.median(t) for name, t in seconds.items()}
+
+
 def latency_ms(model, input_size=(3, 224, 224), **kwargs):
     """Mean batch-1 latency in milliseconds."""
     return 1000.0 / throughput(model, input_size, batch_size=1, **kwargs)

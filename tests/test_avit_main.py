@@ -168,6 +168,31 @@ def test_flops_hook(tmp_path):
     assert 0.2 < reduced < full
 
 
+def test_benchmark_hook_rows():
+    from avit import measure
+    from avit.engine_act import per_image_macs
+    from shared.flops import model_macs
+    import argparse
+    parser = argparse.ArgumentParser()
+    measure.add_benchmark_args(parser)
+    args = parser.parse_args(['--input-size', '64', '--batch-sizes', '1', '3', '--rounds', '1', '--runs', '1',
+                              '--warmup', '0'])
+    results = measure.benchmark(args)
+    assert [row['batch_size'] for row in results['rows']] == [1, 3]
+    deit = timm.create_model('vit_tiny_patch16_224', img_size=64)
+    assert results['full_gflops'] == pytest.approx(model_macs(deit) / 1e9)  # 16 patches + class token
+    model = measure._build(args, (100., 3.))
+    for row in results['rows']:
+        x = torch.randn(row['batch_size'], 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model(x)
+        gflops = float(per_image_macs(model, model.counter_token).mean()) / 1e9
+        assert row['gflops'] == pytest.approx(gflops) and row['mean_depth'] < 12
+        assert row['flops_reduction'] == pytest.approx(results['full_gflops'] / gflops)
+        assert row['speedup'] == pytest.approx(row['zipped_img_s'] / row['deit_img_s'])
+        assert min(row[k] for k in ('deit_img_s', 'masked_img_s', 'zipped_img_s', 'zipped_no_halting_img_s')) > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Heavy: the README's commands under torchrun (2 processes, CPU)
 
