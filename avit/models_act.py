@@ -189,7 +189,7 @@ class AdaptiveVisionTransformer(VisionTransformer):
         return self.norm(output)
 
     @torch.no_grad()
-    def forward_features_zipped(self, x):
+    def forward_features_zipped(self, x, class_token_only=False):
         """Inference with halted tokens removed; same halting rule and results as the masked loop.
 
         Only the active tokens travel from block to block, with their cumulative score c and their flat position in
@@ -199,6 +199,9 @@ class AdaptiveVisionTransformer(VisionTransformer):
         make this possible: while a token goes on, its remainder is R = 1 - c; its depth counter (1, plus one for
         every block it does not halt in) is the number of blocks it went through; its ponder cost is that depth plus
         the remainder it had when it halted.
+
+        class_token_only: return only the class token's state (B, 1, C), all the head reads; the depth counters and
+        ponder costs are still those of every token.
         """
         x = self.embed(x)
         B, N, C = x.shape
@@ -250,23 +253,30 @@ class AdaptiveVisionTransformer(VisionTransformer):
                 bias = bias.masked_fill(~valid, PADDING_BIAS)[:, None, None, :]
         # The masked loop's per-block updates, for every (block, token) pair at once.
         sizes = [p.numel() for p in positions]
-        positions = torch.cat([p.reshape(-1) for p in positions])
+        flat_positions = torch.cat([p.reshape(-1) for p in positions])
         h = torch.cat([t.reshape(-1) for t in scores])
         c = torch.cat([t.reshape(-1) for t in cumulative])
         reached = c > threshold
         not_reached = c < threshold
         remainder = torch.where(reached, 1 - (c - h), 0.)  # R * reached, with R = 1 - c before this block
         weight = remainder + h * not_reached
-        # Block by block, in place: one (sum K, C) temporary costs more in fresh pages than these few calls.
-        output = x.new_zeros(B * N, C)
-        for y, p, w in zip(outputs, positions.split(sizes), weight.split(sizes)):
-            output.index_add_(0, p, y.reshape(-1, C).mul_(w.unsqueeze(-1)))
-        counter = x.new_ones(B * N).index_add_(0, positions, not_reached.to(x.dtype))
-        remainder = x.new_zeros(B * N).index_add_(0, positions, remainder)
+        if class_token_only:
+            # Slot 0 of an image holds its class token for as long as that token is active (the packing is stable).
+            is_class = torch.stack([p[:, 0] for p in positions]) == torch.arange(0, B * N, N, device=x.device)
+            w = torch.stack([t.view(B, -1)[:, 0] for t in weight.split(sizes)]) * is_class  # (blocks, B)
+            output = (torch.stack([y[:, 0] for y in outputs]) * w.unsqueeze(-1)).sum(0).unsqueeze(1)  # (B, 1, C)
+        else:
+            # Block by block, in place: one (sum K, C) temporary costs more in fresh pages than these few calls.
+            output = x.new_zeros(B * N, C)
+            for y, p, w in zip(outputs, flat_positions.split(sizes), weight.split(sizes)):
+                output.index_add_(0, p, y.reshape(-1, C).mul_(w.unsqueeze(-1)))
+            output = output.view(B, N, C)
+        counter = x.new_ones(B * N).index_add_(0, flat_positions, not_reached.to(x.dtype))
+        remainder = x.new_zeros(B * N).index_add_(0, flat_positions, remainder)
         self.counter_token = counter.view(B, N)
         self.rho_token = self.counter_token + remainder.view(B, N)
         self.halting_score_layer = []
-        return self.norm(output.view(B, N, C))
+        return self.norm(output)
 
     def forward_features(self, x):
         if self.zip_tokens and not self.training:
@@ -279,6 +289,8 @@ class AdaptiveVisionTransformer(VisionTransformer):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
+        if self.zip_tokens and not self.training:
+            return self.forward_head(self.forward_features_zipped(x, class_token_only=True))
         return self.forward_head(self.forward_features(x))
 
 
