@@ -211,15 +211,15 @@ class AdaptiveVisionTransformer(VisionTransformer):
         pos = torch.arange(B * N, device=x.device).view(B, N)
         c = x.new_zeros(B, N)
         bias = None
-        outputs, positions, scores, cumulative = [], [], [], []
+        outputs, positions, scores, before = [], [], [], []
         for i, block in enumerate(self.blocks):
             y = packed_block(block, states, bias)
             h = torch.ones_like(c) if i == depth - 1 else self.halting_score(y)
             outputs.append(y)
             positions.append(pos)
             scores.append(h)
+            before.append(c)
             c = c + h
-            cumulative.append(c)
             if i == depth - 1:
                 break
             going_on = c < threshold
@@ -240,8 +240,8 @@ class AdaptiveVisionTransformer(VisionTransformer):
                 states = y
                 continue
             # Pack each image's tokens that go on to the left (a stable sort keeps their order) and pad to the largest
-            # count. A padding slot repeats a real position with c = 1: halted, remainder 1 - c = 0, so every
-            # contribution it makes below is zero; as a key it is masked out.
+            # count. A padding slot repeats a real position with c = 1: it halts with remainder 1 - c = 0 exactly, so
+            # every contribution it makes below is zero; as a key it is masked out.
             order = torch.sort((~going_on).to(torch.int8), dim=1, stable=True).indices[:, :count]
             valid = going_on.gather(1, order)
             pos = pos.gather(1, order)
@@ -255,10 +255,11 @@ class AdaptiveVisionTransformer(VisionTransformer):
         sizes = [p.numel() for p in positions]
         flat_positions = torch.cat([p.reshape(-1) for p in positions])
         h = torch.cat([t.reshape(-1) for t in scores])
-        c = torch.cat([t.reshape(-1) for t in cumulative])
+        c_before = torch.cat([t.reshape(-1) for t in before])
+        c = c_before + h  # the same additions as in the loop, so the same halting decisions
         reached = c > threshold
         not_reached = c < threshold
-        remainder = torch.where(reached, 1 - (c - h), 0.)  # R * reached, with R = 1 - c before this block
+        remainder = torch.where(reached, 1 - c_before, 0.)  # R * reached, with R = 1 - c before this block
         weight = remainder + h * not_reached
         if class_token_only:
             # Slot 0 of an image holds its class token for as long as that token is active (the packing is stable).

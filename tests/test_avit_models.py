@@ -105,11 +105,13 @@ def test_zipped_image_with_every_token_halted_next_to_a_deep_one():
         x = torch.randn(2, 3, 64, 64).abs()
         x[1] *= -1  # image 0: positive sums, score ~1, halts; image 1: negative sums, score ~0, goes on
         masked = model(x)
-        counters = model.counter_token.clone()
+        counters, rho = model.counter_token.clone(), model.rho_token.clone()
         model.zip_tokens = True
         zipped = model(x)
     assert torch.all(counters[0] == 1) and torch.all(counters[1, 1:] > 1)
     assert torch.equal(model.counter_token, counters)
+    # Padding slots repeat image 0's positions; they must add exactly nothing there (ponder = 1 + remainder 1).
+    assert torch.equal(model.rho_token[0], rho[0]) and torch.all(rho[0] == 2)
     torch.testing.assert_close(zipped, masked, atol=1e-5, rtol=0)
 
 
