@@ -57,31 +57,41 @@ def get_args_parser():
     g.add_argument('--compression-rate-file', default=None,
                    help='schedule file for --load_compression_rate (default ./compression_rate.json as the reference, '
                         'else the one shipped in diffrate/)')
+    g.add_argument('--weights', default='', metavar='PATH',
+                   help='weights of the frozen network for a search, from a local checkpoint (DeiT/MAE {"model": ...} '
+                        'or a timm state dict); loaded as --finetune loads them, but the search stays in train mode '
+                        'as the reference\'s does with its downloaded pretrained weights (its --finetune switches the '
+                        'search to eval mode, where nothing is learned)')
     return parser
 
 
 def build_diffrate_model(args):
-    """Model of --model with --drop/--drop-path and the dataset's classes, patched; weights from --finetune, else
-    timm's cached pretrained weights when present, else random (said loudly)."""
+    """Model of --model with --drop/--drop-path and the dataset's classes, patched; weights from --finetune or
+    --weights, else timm's cached pretrained weights when present, else random (said loudly)."""
     patch_kind(args.model)  # unsupported names stop before anything is built
+    weights = getattr(args, 'weights', '')
+    if args.finetune and weights:
+        raise SystemExit('give the weights with one of --finetune (the search then runs in eval mode, as the '
+                         'reference\'s) and --weights (the search runs in train mode), not both')
+    flag, source = ('--finetune', args.finetune) if args.finetune else ('--weights', weights)
     kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
     if args.input_size != 224 and 'caformer' not in args.model:
         kwargs['img_size'] = args.input_size
     model = None
-    if not args.finetune and 'mae' not in args.model:
+    if not source and 'mae' not in args.model:
         try:
             model = create_model(args.model, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001  (no cached weights, no network)
             print(f'| pretrained weights of {args.model} unavailable here ({type(e).__name__}); using RANDOM weights '
-                  '(pass --finetune <checkpoint> to load weights)')
+                  '(pass --weights <checkpoint> to load weights)')
     if model is None:
-        if not args.finetune and 'mae' in args.model:
-            print(f'| {args.model}: no weights given; using RANDOM weights (pass --finetune '
+        if not source and 'mae' in args.model:
+            print(f'| {args.model}: no weights given; using RANDOM weights (pass --weights '
                   'mae_finetuned_vit_*.pth to load the MAE fine-tuned model)')
         model = create_model(args.model, **kwargs)
     apply_diffrate(model, args.model, args.granularity)
-    if args.finetune:
-        checkpoint = safe_load(args.finetune)
+    if source:
+        checkpoint = safe_load(source)
         state_dict = to_timm_state_dict(checkpoint, model if hasattr(model, 'pos_embed') else None)
         own = model.state_dict()
         for k in ['head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias']:
@@ -89,10 +99,10 @@ def build_diffrate_model(args):
                 print(f'Removing key {k} from pretrained checkpoint')
                 del state_dict[k]
         state_dict = {k: v for k, v in state_dict.items() if 'ddp' not in k}
-        result = load_weights(model, state_dict, strict=False, source=args.finetune)
+        result = load_weights(model, state_dict, strict=False, source=source)
         network_missing = [k for k in result.missing_keys if 'ddp' not in k and not k.startswith('head')]
         if network_missing:
-            raise SystemExit(f'--finetune {args.finetune} does not fit {args.model}: missing {network_missing[:8]}')
+            raise SystemExit(f'{flag} {source} does not fit {args.model}: missing {network_missing[:8]}')
     return model
 
 

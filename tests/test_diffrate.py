@@ -184,6 +184,34 @@ def test_search_moves_flops_to_target_and_schedule_reloads(tmp_path, capsys):
         assert stats['flops'] == pytest.approx(flops[-1], abs=0.02)
 
 
+def test_weights_load_local_file_and_keep_the_search_in_train_mode(tmp_path):
+    """--weights: the file's network, and a search that learns; --finetune: the same network, the reference's
+    eval-mode search that leaves the uniform schedule where it was."""
+    from diffrate.main import build_diffrate_model
+    torch.manual_seed(0)
+    source = create_model('vit_deit_tiny_patch16_224', img_size=48, num_classes=3)
+    path = str(tmp_path / 'deit_tiny.pth')
+    torch.save({'model': source.state_dict()}, path)
+    data = make_imagenet(str(tmp_path / 'imnet'))
+    search = (*COMMON, '--data-path', data, '--batch-size', 4, '--epoch', 2, '--target_flops', 0.024,
+              '--arch-lr', 0.2, '--granularity', 1, '--print-freq', 100)
+    args = _args(*search, '--weights', path)
+    args.nb_classes = 3  # make_imagenet's classes (main reads it from the data set)
+    model = build_diffrate_model(args)
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    start = _tiny_vit_flops_uniform()
+    learned = main(_args(*search, '--weights', path, '--output_dir', str(tmp_path / 'w')))
+    frozen = main(_args(*search, '--finetune', path, '--output_dir', str(tmp_path / 'f')))
+    flops = {name: json.loads(open(tmp_path / name / 'log.txt').read().splitlines()[-1])['train_flops']
+             for name in ('w', 'f')}
+    assert abs(flops['w'] - 0.024) < abs(start - 0.024) - 1e-3
+    assert learned['merge_kept_num'] != frozen['merge_kept_num']
+    assert flops['f'] == pytest.approx(start, abs=1e-3)
+    with pytest.raises(SystemExit, match='one of --finetune'):
+        build_diffrate_model(_args(*search, '--weights', path, '--finetune', path))
+
+
 def _tiny_vit_flops_uniform():
     """GFLOPs of the fresh (uniform logits) 48 px DeiT-T, where the search starts."""
     model = create_model('vit_deit_tiny_patch16_224', img_size=48)
