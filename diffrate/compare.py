@@ -7,11 +7,10 @@ learned (prune, merge) kept numbers are cached under `<cache_dir>/diffrate`. The
 DiffRate's DeiT patch (class-token classifier, block 0 never compressed) in eval mode applying that schedule; its
 GFLOPs are DiffRate's formula (the project's convention) for the schedule.
 
-How the weights enter the search: the entry script's `--finetune` would load them but also puts the search in eval
-mode (the reference's `set_training_mode=args.finetune == ''`), where the proxies get no gradient and nothing is
-learned. The hook therefore builds the patched model itself (timm model + baseline state dict + DiffRate's DeiT patch)
-and hands it to `main(args, model)` without `--finetune`, so the search runs in train mode as a search from timm's
-pretrained weights does in the reference.
+How the weights enter the search: the baseline is not one of the reference's model names, so the hook builds the
+patched model itself (timm model + baseline state dict + DiffRate's DeiT patch) and hands it to `main(args, model)`,
+which runs the search in train mode as the entry script's `--weights` does for a named model (its `--finetune`, as the
+reference's, would put the search in eval mode, where the proxies get no gradient and nothing is learned).
 
 FLOPs weight: DiffRate's lambda = 5 is tuned for GFLOPs of DeiT scale (the penalty is a squared difference in
 GFLOPs). A 0.045-GFLOPs digits ViT makes that penalty ~1e-3 of the classification loss, so the search would ignore
