@@ -128,9 +128,12 @@ def add_benchmark_args(parser):
 
 
 def benchmark(args):
-    """DeiT (timm, same weights), the masked loop, the zipped path, and the zipped path with nothing halting (its
-    own overhead: ~1.0x DeiT), timed in alternation on one batch; speed-up = zipped / DeiT, next to the FLOPs cut."""
+    """DeiT (timm, same weights), the masked loop, the zipped path, the zipped path with nothing halting (its own
+    overhead: ~1.0x DeiT) and the blocks alone on the zipped path's token counts without any halting bookkeeping
+    (what ideal zipping would cost on these kernels), timed in alternation on one batch; speed-up = zipped / DeiT,
+    next to the FLOPs cut and to the ideal's speed-up."""
     import timm
+    from avit.models_act import packed_block
     from shared.benchmark import interleaved_throughput
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,10 +158,19 @@ def benchmark(args):
                 model.gate_center = saved
         return forward
 
-    forwards = {'deit': deit, 'masked': run(False), 'zipped': run(True), 'zipped_no_halting': run(True, 1e9)}
+    def blocks_only(token_counts):
+        @torch.no_grad()
+        def forward(x):
+            states = model.embed(x)
+            for block, n in zip(model.blocks, token_counts):
+                states = packed_block(block, states[:, :n].contiguous(), None)
+            return model.forward_head(model.norm(states[:, :1]))
+        return forward
+
     print(f'{torch.get_num_threads()} CPU threads' if device.type == 'cpu' else str(device))
     print(f'{"batch":>5} {"depth":>6} {"GFLOPs":>7} {"FLOPs x":>8} {"DeiT img/s":>11} {"masked img/s":>13} '
-          f'{"zipped img/s":>13} {"no-halt img/s":>14} {"speed-up":>9} {"/ FLOPs x":>9}')
+          f'{"zipped img/s":>13} {"no-halt img/s":>14} {"blocks img/s":>13} {"speed-up":>9} {"/ FLOPs x":>9} '
+          f'{"ideal / FLOPs x":>15}')
     for bs in args.batch_sizes:
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(bs, 3, args.input_size, args.input_size, generator=g).to(device)
@@ -167,15 +179,21 @@ def benchmark(args):
         avit_gflops = float(per_image_macs(model, model.counter_token).mean()) / 1e9
         depth = float(model.counter_token.float().mean())
         reduction = full / avit_gflops
+        # tokens each block computes in the zipped path: the batch's largest active count (padding included)
+        counts = [int((model.counter_token > layer).sum(1).max()) for layer in range(len(model.blocks))]
+        forwards = {'deit': deit, 'masked': run(False), 'zipped': run(True), 'zipped_no_halting': run(True, 1e9),
+                    'blocks_only': blocks_only(counts)}
         ips = interleaved_throughput(forwards, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup)
         speedup = ips['zipped'] / ips['deit']
+        ideal = ips['blocks_only'] / ips['deit']
         row = dict(batch_size=bs, mean_depth=depth, gflops=avit_gflops, flops_reduction=reduction,
                    deit_img_s=ips['deit'], masked_img_s=ips['masked'], zipped_img_s=ips['zipped'],
-                   zipped_no_halting_img_s=ips['zipped_no_halting'], speedup=speedup,
-                   speedup_over_flops_reduction=speedup / reduction)
+                   zipped_no_halting_img_s=ips['zipped_no_halting'], blocks_only_img_s=ips['blocks_only'],
+                   tokens_per_block=counts, speedup=speedup, speedup_over_flops_reduction=speedup / reduction,
+                   ideal_speedup_over_flops_reduction=ideal / reduction)
         results['rows'].append(row)
         print(f'{bs:>5} {depth:>6.2f} {avit_gflops:>7.3f} {reduction:>8.2f} {ips["deit"]:>11.1f} '
-              f'{ips["masked"]:>13.1f} {ips["zipped"]:>13.1f} {ips["zipped_no_halting"]:>14.1f} {speedup:>9.2f} '
-              f'{speedup / reduction:>9.2f}')
+              f'{ips["masked"]:>13.1f} {ips["zipped"]:>13.1f} {ips["zipped_no_halting"]:>14.1f} '
+              f'{ips["blocks_only"]:>13.1f} {speedup:>9.2f} {speedup / reduction:>9.2f} {ideal / reduction:>15.2f}')
     model.zip_tokens = False
     return results

@@ -190,7 +190,10 @@ def test_benchmark_hook_rows():
         assert row['gflops'] == pytest.approx(gflops) and row['mean_depth'] < 12
         assert row['flops_reduction'] == pytest.approx(results['full_gflops'] / gflops)
         assert row['speedup'] == pytest.approx(row['zipped_img_s'] / row['deit_img_s'])
-        assert min(row[k] for k in ('deit_img_s', 'masked_img_s', 'zipped_img_s', 'zipped_no_halting_img_s')) > 0
+        assert row['tokens_per_block'] == [int((model.counter_token > i).sum(1).max()) for i in range(12)]
+        assert row['tokens_per_block'][0] == 17 and row['tokens_per_block'][-1] < 17
+        assert min(row[k] for k in ('deit_img_s', 'masked_img_s', 'zipped_img_s', 'zipped_no_halting_img_s',
+                                    'blocks_only_img_s')) > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
