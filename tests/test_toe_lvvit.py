@@ -110,6 +110,59 @@ def test_token_label_target_shapes_and_values():
     assert (t[:, :, 1:].argmax(1) == 4).all()  # the teacher's top class everywhere
 
 
+def _label_maps(B=4, K=3, G=8, classes=5):
+    g = torch.Generator().manual_seed(0)
+    maps = torch.zeros(B, 3, K, G, G)
+    maps[:, 0] = torch.rand(B, K, G, G, generator=g)
+    maps[:, 1] = torch.randint(0, classes, (B, K, G, G), generator=g).float()
+    maps[:, 2, 0, 0, :4] = torch.tensor([0.1, 0.2, 0.6, 0.7])
+    maps[:, 2, 0, 0, 5] = torch.arange(B).float() % classes
+    return maps
+
+
+@pytest.mark.parametrize('mode', ['batch', 'elem'])
+@pytest.mark.parametrize('alphas', [(0.8, 0.), (0., 1.)])  # mixup, cutmix
+def test_token_label_mixup_mixes_images_and_label_map_targets_by_one_lambda(mode, alphas):
+    import numpy as np
+    from toe.lvvit.data import TokenLabelMixup, token_label_target
+    maps, classes = _label_maps(), 5
+    x = torch.rand(4, 3, 16, 16)
+    np.random.seed(0)
+    mix = TokenLabelMixup(label_size=4, mixup_alpha=alphas[0], cutmix_alpha=alphas[1], mode=mode,
+                          label_smoothing=0.1, num_classes=classes)
+    mixed, target = mix(x.clone(), maps)
+    plain = token_label_target(maps, classes, 0.1, 4)
+    assert target.shape == plain.shape == (4, classes, 2 + 16)
+    # recover each image's lambda from its pixels: the share taken from itself (cutmix) or the blend weight (mixup)
+    if alphas[1]:
+        lam = (mixed == x).float().mean((1, 2, 3))
+    else:
+        diff = x - x.flip(0)
+        lam = ((mixed - x.flip(0)) * diff).sum((1, 2, 3)) / diff.square().sum((1, 2, 3))
+    if mode == 'batch':
+        assert torch.allclose(lam, lam[:1].expand(4), atol=1e-5)
+    assert (lam < 1 - 1e-3).any()
+    expected = plain * lam.view(4, 1, 1) + plain.flip(0) * (1 - lam.view(4, 1, 1))
+    torch.testing.assert_close(target, expected, atol=1e-5, rtol=0)
+
+
+def test_token_label_mixup_plain_labels_and_switched_off():
+    import numpy as np
+    from timm.data.mixup import Mixup
+    from toe.lvvit.data import TokenLabelMixup, token_label_target
+    labels, x = torch.tensor([0, 3, 1, 4]), torch.rand(4, 3, 16, 16)
+    np.random.seed(1)
+    ours = TokenLabelMixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=5)(x.clone(), labels)
+    np.random.seed(1)
+    timms = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=5)(x.clone(), labels)
+    torch.testing.assert_close(ours, timms)  # labels without maps: timm's own mixup, same draws
+    mix = TokenLabelMixup(label_size=4, mixup_alpha=0.8, num_classes=5)
+    mix.mixup_enabled = False  # what --mixup-off-epoch does
+    maps = _label_maps()
+    out, target = mix(x.clone(), maps)
+    assert torch.equal(out, x) and torch.equal(target, token_label_target(maps, 5, 0.1, 4))
+
+
 def test_lvvit_main_stages_label_maps_and_resume(tmp_path):
     import csv
     data, labels = make_label_map_set(tmp_path)
@@ -134,6 +187,20 @@ def test_lvvit_main_stages_label_maps_and_resume(tmp_path):
     r = run_script(['toe/lvvit/main.py', *common, '--epochs', '3', '--resume', run / 'last.pth.tar'], timeout=300)
     assert r.returncode == 0, r.stdout[-3000:]
     assert 'expansion stage 3/3, 16/16 patch tokens kept' in r.stdout and 'stage 1/3' not in r.stdout
+
+
+def test_lvvit_main_with_mixup_cutmix(tmp_path, capsys):
+    from toe.lvvit.main import parse_args
+    data, labels = make_label_map_set(tmp_path)
+    common = [data, '--model', 'lvvit_t', '--img-size', '64', '--num-classes', '2', '-j', '0', '--token-label',
+              '--token-label-data', labels, '--token-label-size', '4', '--device', 'cpu', '--warmup-epochs', '0',
+              '--output', tmp_path / 'out', '--mixup', '0.8', '--cutmix', '1.0', *LV_TOE]
+    with pytest.raises(SystemExit):
+        parse_args([str(a) for a in common] + ['-b', '3'])
+    assert 'must be even' in capsys.readouterr().err
+    r = run_script(['toe/lvvit/main.py', *common, '-b', '4', '--epochs', '1'], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert 'Train: 0' in r.stdout and 'Loss: nan' not in r.stdout
 
 
 def test_lvvit_main_no_seed_token(tmp_path):

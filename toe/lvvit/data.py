@@ -17,6 +17,7 @@ import random
 
 import torch
 from PIL import Image
+from timm.data.mixup import Mixup
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torchvision import transforms
 from torchvision.transforms import functional as F
@@ -160,3 +161,32 @@ def token_label_target(maps, num_classes, smoothing=0.1, label_size=1):
 def smoothed_one_hot(target, num_classes, smoothing=0.1):
     off_value = smoothing / num_classes
     return _one_hot(target, num_classes, 1. - smoothing + off_value, off_value)
+
+
+class TokenLabelMixup(Mixup):
+    """TokenLabeling's mixup/cutmix: timm's Mixup mixes the images (batch, pair or elem mode, same random draws);
+    the targets are built first, the label-map targets (or smoothed one-hot labels) as without mixup, then mixed with
+    the batch-flipped targets by the same lambda. Token labels are mixed by lambda everywhere, not cut by the box,
+    as in the original. Per-image lambdas (pair/elem modes) weight each image's whole target; the original's (B, 1)
+    lambda does not broadcast over a (B, classes, tokens) target (an error, or the wrong axes when B == classes)."""
+
+    def __init__(self, label_size=1, **kwargs):
+        super().__init__(**kwargs)
+        self.label_size = label_size
+
+    def __call__(self, x, target):
+        if len(x) % 2:
+            raise ValueError(f'mixup/cutmix need an even batch, got {len(x)} images')
+        if self.mode == 'elem':
+            lam = self._mix_elem(x)
+        elif self.mode == 'pair':
+            lam = self._mix_pair(x)
+        else:
+            lam = self._mix_batch(x)
+        if target.dim() > 2:
+            y = token_label_target(target, self.num_classes, self.label_smoothing, self.label_size)
+        else:
+            y = smoothed_one_hot(target, self.num_classes, self.label_smoothing)
+        if torch.is_tensor(lam):
+            lam = lam.view(-1, *[1] * (y.dim() - 1)).to(y)
+        return x, y * lam + y.flip(0) * (1. - lam)

@@ -32,7 +32,8 @@ from shared.checkpoint import CheckpointError, atomic_save, load_finetune_state,
 from shared.datasets import DatasetLayoutError, image_folder
 from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_process, wrap_ddp
 from shared.engine import evaluate
-from toe.lvvit.data import TokenLabelFolder, smoothed_one_hot, token_label_target, token_label_train_transform
+from toe.lvvit.data import (TokenLabelFolder, TokenLabelMixup, smoothed_one_hot, token_label_target,
+                            token_label_train_transform)
 from toe.lvvit.loss import TokenLabelCrossEntropy
 from toe.lvvit.models import MODELS, create_model
 from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
@@ -172,9 +173,8 @@ def parse_args(argv=None):
         parser.error('--token-label-size > 1 needs a model with the dense head (lvvit_t, lvvit_s, lvvit_m)')
     if args.token_label_data and not args.token_label:
         parser.error('--token-label-data is read only with --token-label')
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        parser.error('--mixup/--cutmix (TokenLabeling\'s label-map mixup) are not implemented here; the ToE run '
-                     'script does not use them')
+    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
+        parser.error(f'--mixup/--cutmix pair each image with the flipped batch: -b {args.batch_size} must be even')
     if args.aug_splits or args.jsd:
         parser.error('--aug-splits/--jsd (AugMix) are not implemented here')
     if args.torchscript:
@@ -313,9 +313,21 @@ def build_loaders(args, data_config):
     return loader_train, loader_eval
 
 
+def build_mixup(args):
+    """TokenLabeling's mixup/cutmix, or None when neither is asked for."""
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return TokenLabelMixup(label_size=args.token_label_size if args.token_label and args.token_label_data else 1,
+                           mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                           label_smoothing=args.smoothing, num_classes=args.num_classes)
+
+
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler=None, saver=None,
-                    amp=False, loss_scaler=None, model_ema=None):
+                    amp=False, loss_scaler=None, model_ema=None, mixup_fn=None):
     """timm train-script epoch; `total_train_time` = sum of forward + loss + backward + step (+ EMA) seconds."""
+    if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        mixup_fn.mixup_enabled = False  # lambda 1 from here on: the same targets as without mixup
     from timm.utils import AverageMeter, dispatch_clip_grad
     losses_m, batch_time_m = AverageMeter(), AverageMeter()
     total_train_time = 0.0
@@ -325,10 +337,13 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     num_updates = epoch * len(loader)
     for batch_idx, (inputs, target) in enumerate(loader):
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if args.token_label and args.token_label_data:
-            target = token_label_target(target, args.num_classes, args.smoothing, args.token_label_size)
-        if target.dim() == 1:
-            target = smoothed_one_hot(target, args.num_classes, args.smoothing)
+        if mixup_fn is not None:
+            inputs, target = mixup_fn(inputs, target)
+        else:
+            if args.token_label and args.token_label_data:
+                target = token_label_target(target, args.num_classes, args.smoothing, args.token_label_size)
+            if target.dim() == 1:
+                target = smoothed_one_hot(target, args.num_classes, args.smoothing)
         if args.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         start = time.time()
@@ -464,6 +479,7 @@ def main(args, args_text=''):
 
     if args.finetune:
         validate(model, loader_eval, device, amp)
+    mixup_fn = build_mixup(args)
     best_metric = best_epoch = None
     for epoch in range(start_epoch, num_epochs):
         if args.distributed:
@@ -473,7 +489,7 @@ def main(args, args_text=''):
         print(stage_message(token_select, epoch, num_patches))
         train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, device,
                                         lr_scheduler=lr_scheduler, saver=saver, amp=amp, loss_scaler=loss_scaler,
-                                        model_ema=model_ema)
+                                        model_ema=model_ema, mixup_fn=mixup_fn)
         print(f"total_train_time (forward+backward+step, this epoch, this rank): "
               f"{train_metrics['total_train_time']:.3f} s")
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
