@@ -16,6 +16,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from shared.distributed import barrier, get_rank, get_world_size, is_dist_avail_and_initialized
+from tavt.autoaugment import ImageNetAutoAugment
 
 _logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ def build_transforms(dataset, img_size=None):
     train = [transforms.Resize((resize, resize), InterpolationMode.BILINEAR), transforms.RandomCrop((crop, crop)),
              transforms.RandomHorizontalFlip()]
     if autoaugment:
-        # torchvision's ImageNet AutoAugment policy with the original's grey fill (see tavt/README.md).
-        train.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET, fill=[128, 128, 128]))
+        train.append(ImageNetAutoAugment())  # the DeepVoltaire port's ImageNet policy, as the original
     test = [transforms.Resize((resize, resize), InterpolationMode.BILINEAR), transforms.CenterCrop((crop, crop))]
     return transforms.Compose(train + normalize), transforms.Compose(test + normalize)
 
