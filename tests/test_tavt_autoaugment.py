@@ -70,3 +70,7 @@ def test_pipeline_uses_it_for_cars_and_inat_only():
         train, test = build_transforms(dataset)
         assert any(isinstance(t, ImageNetAutoAugment) for t in train.transforms) == used
         assert not any(isinstance(t, ImageNetAutoAugment) for t in test.transforms)
+    train, _ = build_transforms('car', img_size=32)
+    random.seed(0)
+    shapes = {tuple(train(_image(50, 70)).shape) for _ in range(30)}  # every sub-policy keeps size and mode
+    assert shapes == {(3, 32, 32)}
