@@ -236,3 +236,49 @@ def test_lvvit_run_script_torchrun_two_processes(tmp_path):
         assert line in r.stdout
     [run] = list((out / 'train').iterdir())
     assert (run / 'checkpoint-2.pth.tar').exists() and len((run / 'summary.csv').read_text().splitlines()) == 4
+
+
+def _index_map(K=2, H=8, W=8):
+    scores = torch.arange(K * H * W, dtype=torch.float32).view(K, H, W) + 1
+    return torch.stack([scores, scores + 1000])
+
+
+def test_label_map_follows_translate_and_rotate_like_tokenlabeling():
+    import numpy as np
+    from toe.lvvit.data import _LABEL_MAP_OPS
+    m = _index_map()
+    H = W = 8
+    moved = _LABEL_MAP_OPS['TranslateXRel'](m, 3 / W)  # output column c reads input column c + 3
+    for r in range(H):
+        for c in range(W):
+            src = c + 3
+            assert moved[0, :, r, c].tolist() == (m[0, :, r, src].tolist() if src < W else [0., 0.])
+            assert moved[1, :, r, c].tolist() == m[1, :, r, min(src, W - 1)].tolist()  # indices repeat the border
+    turned = _LABEL_MAP_OPS['Rotate'](m, 90.)  # TokenLabeling's matrix: output (r, c) reads input (c, W - r)
+    expected = np.zeros((2, 2, H, W), dtype=np.float32)
+    for r in range(H):
+        for c in range(W):
+            expected[0, :, r, c] = m[0, :, c, W - r].numpy() if W - r < W else 0.
+            expected[1, :, r, c] = m[1, :, c, min(W - r, W - 1)].numpy()
+    assert np.array_equal(turned.numpy(), expected)
+
+
+def test_paired_rand_augment_keeps_timms_image_stream_and_moves_maps():
+    import random
+    import numpy as np
+    from PIL import Image
+    from timm.data import rand_augment_transform
+    from toe.lvvit.data import PairedRandAugment
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    params = dict(translate_const=14, img_mean=(124, 116, 104))
+    m = _index_map()
+    moved = 0
+    for seed in range(40):
+        random.seed(seed), np.random.seed(seed)
+        alone = rand_augment_transform('rand-m9-mstd0.5-inc1', dict(params))(img)
+        random.seed(seed), np.random.seed(seed)
+        paired, label = PairedRandAugment(rand_augment_transform('rand-m9-mstd0.5-inc1', dict(params)))(img, m)
+        assert paired.tobytes() == alone.tobytes()  # the label ops draw nothing: the image sees timm's draws
+        assert label.shape == m.shape
+        moved += not torch.equal(label, m)
+    assert 0 < moved < 40

@@ -12,9 +12,11 @@ therefore be at least 6 wide). `token_label_target` turns a batch of those maps 
 targets: [:, :, 0] the smoothed one-hot ground truth, [:, :, 1] the class-token label (ROI-aligned 1x1), [:, :, 2:]
 the L x L token labels, each softmax-normalised over the classes and smoothed.
 """
+import math
 import os
 import random
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data.mixup import Mixup
@@ -101,11 +103,73 @@ class RandomResizedCropWithCoords(RandomResizedCropAndInterpolation):
         return img, torch.cat([label_map, coords])
 
 
+def _affine_label_map(label_map, matrix):
+    """A (2, K, H, W) label map (top-K scores, their class indices) resampled as TokenLabeling does for an image op:
+    PIL's AFFINE coefficients (a, b, c, d, e, f) read in (row, column) order of the map, nearest neighbour, scores 0
+    outside the map, indices repeated from its border."""
+    from scipy import ndimage
+    a, b, c, d, e, f = matrix
+    inverse = [[1, 0, 0, 0], [0, a, b, c], [0, d, e, f]]  # output (k, row, col) -> input coordinates
+    scores = ndimage.affine_transform(label_map[0].numpy(), matrix=inverse, order=0, mode='constant')
+    index = ndimage.affine_transform(label_map[1].numpy(), matrix=inverse, order=0, mode='nearest')
+    return torch.from_numpy(np.stack([scores, index]))
+
+
+def _rotate_label_map(label_map, degrees):
+    # TokenLabeling's matrix: the angle's sign and the centre (size(2) / 2, size(3) / 2) as it wrote them
+    cx, cy = label_map.shape[2] / 2., label_map.shape[3] / 2.
+    angle = math.radians(degrees)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    return _affine_label_map(label_map, (cos, sin, -cos * cx - sin * cy + cx, -sin, cos, sin * cx - cos * cy + cy))
+
+
+# timm RandAugment op name -> how the label map follows it (other ops leave the map alone, as in TokenLabeling)
+_LABEL_MAP_OPS = {
+    'Rotate': _rotate_label_map,
+    'ShearX': lambda m, factor: _affine_label_map(m, (1, 0, 0, factor, 1, 0)),
+    'ShearY': lambda m, factor: _affine_label_map(m, (1, factor, 0, 0, 1, 0)),
+    'TranslateXRel': lambda m, pct: _affine_label_map(m, (1, 0, 0, 0, 1, pct * m.shape[3])),
+    'TranslateYRel': lambda m, pct: _affine_label_map(m, (1, 0, pct * m.shape[2], 0, 1, 0)),
+}
+
+
+class PairedRandAugment:
+    """timm's RandAugment on the image, with the geometric ops (rotate, shear, relative translate) applied to the
+    label map with the same drawn arguments, as TokenLabeling's random_augment_label. The random draws are timm's,
+    in its order: the ops (numpy), then per op its coin, magnitude noise and sign (Python `random`)."""
+    paired = True
+
+    def __init__(self, rand_augment):
+        self.rand_augment = rand_augment
+
+    @staticmethod
+    def _apply(op, img, label_map):
+        if op.prob < 1.0 and random.random() > op.prob:
+            return img, label_map
+        magnitude = op.magnitude
+        if op.magnitude_std == float('inf'):
+            magnitude = random.uniform(0, magnitude)
+        elif op.magnitude_std > 0:
+            magnitude = random.gauss(magnitude, op.magnitude_std)
+        magnitude = max(0., min(magnitude, op.magnitude_max or 10))
+        args = op.level_fn(magnitude, op.hparams) if op.level_fn is not None else ()
+        label_op = _LABEL_MAP_OPS.get(op.name)
+        if label_op is not None:
+            label_map = label_op(label_map, *args)
+        return op.aug_fn(img, *args, **op.kwargs), label_map
+
+    def __call__(self, img, label_map):
+        ra = self.rand_augment
+        for op in np.random.choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None, p=ra.choice_weights):
+            img, label_map = self._apply(op, img, label_map)
+        return img, label_map
+
+
 def token_label_train_transform(img_size, scale=None, ratio=None, hflip=0.5, vflip=0., color_jitter=0.4,
                                 auto_augment=None, interpolation='random', mean=None, std=None, re_prob=0.,
                                 re_mode='const', re_count=1):
     """tlt's transforms_imagenet_train: flips (paired) -> RandAugment or colour jitter -> RRC with coords (paired) ->
-    tensor, normalise, random erasing. RandAugment here is timm's, on the image only (see toe/README.md)."""
+    tensor, normalise, random erasing. RandAugment's geometric ops move the label map too (PairedRandAugment)."""
     from timm.data import rand_augment_transform
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from timm.data.random_erasing import RandomErasing
@@ -121,7 +185,7 @@ def token_label_train_transform(img_size, scale=None, ratio=None, hflip=0.5, vfl
         if interpolation and interpolation != 'random':
             params['interpolation'] = str_to_pil_interp(interpolation)
         if auto_augment.startswith('rand'):
-            tfl.append(rand_augment_transform(auto_augment, params))
+            tfl.append(PairedRandAugment(rand_augment_transform(auto_augment, params)))
     elif color_jitter is not None:
         tfl.append(transforms.ColorJitter(*(float(color_jitter),) * 3))
     tfl += [RandomResizedCropWithCoords(tuple(size), tuple(scale or (0.08, 1.0)), tuple(ratio or (3. / 4., 4. / 3.)),
