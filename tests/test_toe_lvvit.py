@@ -282,3 +282,22 @@ def test_paired_rand_augment_keeps_timms_image_stream_and_moves_maps():
         assert label.shape == m.shape
         moved += not torch.equal(label, m)
     assert 0 < moved < 40
+
+
+def test_token_label_size_1_scores_the_class_output(tmp_path, capsys):
+    from timm.loss import SoftTargetCrossEntropy
+    from toe.lvvit.loss import TokenLabelSoftTargetCrossEntropy
+    from toe.lvvit.main import parse_args
+    torch.manual_seed(0)
+    out, target = torch.randn(3, 5), torch.rand(3, 5, 2)
+    assert TokenLabelSoftTargetCrossEntropy()(out, target) == SoftTargetCrossEntropy()(out, target[:, :, 1])
+    assert TokenLabelSoftTargetCrossEntropy()(out, target[:, :, 0]) == SoftTargetCrossEntropy()(out, target[:, :, 0])
+    with pytest.raises(SystemExit):
+        parse_args(['/data', '--model', 'lvvit_t', '--token-label', '--token-label-size', '1'])
+    assert 'trains with the dense head' in capsys.readouterr().err
+    data, labels = make_label_map_set(tmp_path, train_per_class=2, val_per_class=1)
+    r = run_script(['toe/lvvit/main.py', data, '--model', 'lvvit', '--img-size', '64', '--num-classes', '2', '-b', '4',
+                    '-j', '0', '--token-label', '--token-label-data', labels, '--device', 'cpu', '--epochs', '1',
+                    '--warmup-epochs', '0', '--output', tmp_path / 'o', *LV_TOE], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert 'Train: 0' in r.stdout and 'Loss: nan' not in r.stdout

@@ -37,3 +37,17 @@ class TokenLabelCrossEntropy(nn.Module):
             target_cls = lam * target_cls + (1 - lam) * target_cls.flip(0)
         return self.cls_weight * self.ce(output, target_cls) + \
             self.dense_weight * self.ce(aux_output.reshape(-1, C), target_aux)
+
+
+class TokenLabelSoftTargetCrossEntropy(nn.Module):
+    """TokenLabeling's loss for `--token-label-size 1` (models without the dense head): soft-target CE of the class
+    output against the class-token label [:, :, 1] of a (B, classes, 2) target, or against a (B, classes) target."""
+
+    def __init__(self):
+        super().__init__()
+        self.ce = SoftTargetCrossEntropy()
+
+    def forward(self, output, target):
+        if target.dim() == 3 and target.shape[-1] == 2:
+            target = target[:, :, 1]
+        return self.ce(output, target)

@@ -34,7 +34,7 @@ from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_p
 from shared.engine import evaluate
 from toe.lvvit.data import (TokenLabelFolder, TokenLabelMixup, smoothed_one_hot, token_label_target,
                             token_label_train_transform)
-from toe.lvvit.loss import TokenLabelCrossEntropy
+from toe.lvvit.loss import TokenLabelCrossEntropy, TokenLabelSoftTargetCrossEntropy
 from toe.lvvit.models import MODELS, create_model
 from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
 
@@ -171,6 +171,9 @@ def parse_args(argv=None):
         parser.error(f'--model {args.model!r}: ToE LV-ViT models are {sorted(MODELS)}')
     if args.token_label and args.token_label_size > 1 and args.model == 'lvvit':
         parser.error('--token-label-size > 1 needs a model with the dense head (lvvit_t, lvvit_s, lvvit_m)')
+    if args.token_label and args.token_label_size == 1 and args.model != 'lvvit':
+        parser.error(f'--token-label-size 1 scores only a class output; {args.model} trains with the dense head: pass '
+                     '--token-label-size N with N*N = its patch tokens (14 at 224 px; the original crashes here)')
     if args.token_label_data and not args.token_label:
         parser.error('--token-label-data is read only with --token-label')
     if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None) and args.batch_size % 2:
@@ -456,7 +459,9 @@ def main(args, args_text=''):
         loader_train, loader_eval = build_loaders(args, data_config)
     except DatasetLayoutError as e:
         raise SystemExit(f'error: {e}')
-    if args.token_label:
+    if args.token_label and args.token_label_size == 1:
+        train_loss_fn = TokenLabelSoftTargetCrossEntropy()
+    elif args.token_label:
         train_loss_fn = TokenLabelCrossEntropy(dense_weight=args.dense_weight, cls_weight=args.cls_weight,
                                                mixup_active=False, classes=args.num_classes,
                                                ground_truth=args.ground_truth)
