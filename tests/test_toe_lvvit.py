@@ -206,7 +206,8 @@ def test_lvvit_main_with_mixup_cutmix(tmp_path, capsys):
 def test_lvvit_main_no_seed_token(tmp_path):
     data, labels = make_label_map_set(tmp_path, train_per_class=1, val_per_class=1)
     r = run_script(['toe/lvvit/main.py', data, '--model', 'lvvit_t', '--img-size', '32', '--token-label',
-                    '--token-label-data', labels, '--device', 'cpu', '-j', '0', '--output', tmp_path / 'o', *LV_TOE])
+                    '--token-label-data', labels, '--token-label-size', '2', '--device', 'cpu', '-j', '0',
+                    '--output', tmp_path / 'o', *LV_TOE])
     assert r.returncode != 0 and 'no seed token' in r.stdout
 
 
@@ -214,7 +215,8 @@ def test_lvvit_main_missing_label_maps(tmp_path):
     data, labels = make_label_map_set(tmp_path, train_per_class=1, val_per_class=1)
     next(labels.rglob('*.pt')).unlink()
     r = run_script(['toe/lvvit/main.py', data, '--model', 'lvvit_t', '--img-size', '32', '--token-label',
-                    '--token-label-data', labels, '--device', 'cpu', '-j', '0', '--output', tmp_path / 'o'])
+                    '--token-label-data', labels, '--token-label-size', '2', '--device', 'cpu', '-j', '0',
+                    '--output', tmp_path / 'o'])
     assert r.returncode != 0 and 'no label map' in r.stdout
 
 
