@@ -194,7 +194,7 @@ def test_lvvit_main_with_mixup_cutmix(tmp_path, capsys):
     data, labels = make_label_map_set(tmp_path)
     common = [data, '--model', 'lvvit_t', '--img-size', '64', '--num-classes', '2', '-j', '0', '--token-label',
               '--token-label-data', labels, '--token-label-size', '4', '--device', 'cpu', '--warmup-epochs', '0',
-              '--output', tmp_path / 'out', '--mixup', '0.8', '--cutmix', '1.0', *LV_TOE]
+              '--cooldown-epochs', '0', '--output', tmp_path / 'out', '--mixup', '0.8', '--cutmix', '1.0', *LV_TOE]
     with pytest.raises(SystemExit):
         parse_args([str(a) for a in common] + ['-b', '3'])
     assert 'must be even' in capsys.readouterr().err
@@ -286,7 +286,7 @@ def test_paired_rand_augment_keeps_timms_image_stream_and_moves_maps():
     assert 0 < moved < 40
 
 
-def test_token_label_size_1_scores_the_class_output(tmp_path, capsys):
+def test_token_label_size_1_scores_the_class_output(capsys):
     from timm.loss import SoftTargetCrossEntropy
     from toe.lvvit.loss import TokenLabelSoftTargetCrossEntropy
     from toe.lvvit.main import parse_args
@@ -297,9 +297,10 @@ def test_token_label_size_1_scores_the_class_output(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(['/data', '--model', 'lvvit_t', '--token-label', '--token-label-size', '1'])
     assert 'trains with the dense head' in capsys.readouterr().err
-    data, labels = make_label_map_set(tmp_path, train_per_class=2, val_per_class=1)
-    r = run_script(['toe/lvvit/main.py', data, '--model', 'lvvit', '--img-size', '64', '--num-classes', '2', '-b', '4',
-                    '-j', '0', '--token-label', '--token-label-data', labels, '--device', 'cpu', '--epochs', '1',
-                    '--warmup-epochs', '0', '--output', tmp_path / 'o', *LV_TOE], timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert 'Train: 0' in r.stdout and 'Loss: nan' not in r.stdout
+    # one training step of the plain model on size-1 label-map targets (it crashed in the loss before)
+    from toe.lvvit.data import token_label_target
+    model = _model('lvvit').train()
+    maps = _label_maps(B=2, classes=5)
+    loss = TokenLabelSoftTargetCrossEntropy()(model(torch.randn(2, 3, 64, 64)), token_label_target(maps, 5, 0.1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and model.head.weight.grad.abs().sum() > 0
