@@ -27,7 +27,8 @@ from shared.args import deit_parser
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint
 from shared.datasets import build_dataset, build_loaders
 from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp
-from shared.engine import build_criterion, build_mixup, build_optimization, log_epoch, TensorboardLogger
+from shared.engine import (build_criterion, build_mixup, build_model_ema, build_optimization, log_epoch,
+                           TensorboardLogger)
 from shared.models import create_model
 from avit.engine_act import evaluate, train_one_epoch, visualize
 from avit.models_act import DEIT_START_POINTS, avit_models
@@ -194,11 +195,7 @@ def main(args):
         print('Setting h gate scale as {} and bias as {}'.format(args.gate_scale, args.gate_center))
     model.to(device)
 
-    model_ema = None
-    if args.model_ema:
-        from timm.utils import ModelEmaV2
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
-                               device='cpu' if args.model_ema_force_cpu else None)
+    model_ema = build_model_ema(model, args)
 
     # The official run passes find_unused_parameters=True; the halting loop uses every parameter.
     model, model_without_ddp = wrap_ddp(model, args)

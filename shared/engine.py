@@ -67,6 +67,18 @@ def _default_loss(criterion, bce):
     return loss_fn
 
 
+def build_model_ema(model, args, legacy=False):
+    """The weight EMA of `--model-ema` (decay `--model-ema-decay`, on the CPU with `--model-ema-force-cpu`), or None.
+    legacy: timm's first ModelEma, as DeiT and the scripts copied from it use; else ModelEmaV2."""
+    if not args.model_ema:
+        return None
+    if legacy:
+        from timm.utils import ModelEma
+        return ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '', resume='')
+    from timm.utils import ModelEmaV2
+    return ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, max_norm=0,
                     model_ema=None, mixup_fn=None, set_training_mode=True, amp=False, loss_fn=None,
                     bce_loss=False, print_freq=10, tb_logger=None, header=None):

@@ -28,7 +28,8 @@ from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, load_weights, safe_load  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
 from shared.distributed import init_distributed_mode, save_on_master, seed_per_rank, wrap_ddp  # noqa: E402
-from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch  # noqa: E402
+from shared.engine import (build_criterion, build_mixup, build_model_ema, build_optimization, evaluate,  # noqa: E402
+                           log_epoch)
 from tocom.engine import make_loss_fn, train_one_epoch  # noqa: E402
 from tocom.models import (DEFAULT_STEPS, create_tocom_model, fold_compensator, is_tocom,  # noqa: E402
                           load_compensator, set_r)
@@ -167,12 +168,8 @@ def main(args):
             p.requires_grad = False
 
     model.to(device)
-    model_ema = None
-    if args.model_ema and not args.eval:
-        from timm.utils import ModelEmaV2
-        # upstream keeps (and updates) an EMA it never evaluates nor saves; kept for fidelity of the flag
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
-                               device='cpu' if args.model_ema_force_cpu else None)
+    # upstream keeps (and updates) an EMA it never evaluates nor saves; kept for fidelity of the flag
+    model_ema = None if args.eval else build_model_ema(model, args)
 
     model, model_without_ddp = wrap_ddp(model, args, find_unused_parameters=True)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)

@@ -29,8 +29,8 @@ from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint  # noqa: E402
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders  # noqa: E402
 from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp  # noqa: E402
-from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization,  # noqa: E402
-                           evaluate, log_epoch, train_one_epoch)
+from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_model_ema,  # noqa: E402
+                           build_optimization, evaluate, log_epoch, train_one_epoch)
 from shared.models import create_model  # noqa: E402
 
 # The embedded default: what DeiT's defaults become so that `python tools/train_baseline.py` runs end to end in
@@ -69,10 +69,7 @@ def main(args):
         load_finetune(model, args.finetune)
     model.to(device)
 
-    model_ema = None
-    if args.model_ema:
-        from timm.utils import ModelEmaV2
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+    model_ema = build_model_ema(model, args)
 
     model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -28,7 +28,7 @@ from shared.checkpoint import CheckpointError, atomic_save, load_weights, safe_l
 from shared.datasets import DatasetLayoutError, build_dataset
 from shared.distributed import (all_reduce_mean, get_world_size, init_distributed_mode, is_main_process,
                                 seed_per_rank, wrap_ddp)
-from shared.engine import evaluate
+from shared.engine import build_mixup, build_model_ema, evaluate
 from shared.metrics import MetricLogger, SmoothedValue
 from toe.deit.models import ARCHS, create_model
 from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
@@ -277,8 +277,6 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
 
 def main(args):
     from timm.optim import create_optimizer
-    from timm.utils import ModelEma
-    from shared.engine import build_mixup
     init_distributed_mode(args)
     print(args)
     device = torch.device(args.device)
@@ -328,10 +326,7 @@ def main(args):
             state['pos_embed'] = _resize(state['pos_embed'], int(math.isqrt(num_patches)))
         load_weights(model, state, strict=False, source=args.finetune)
     model.to(device)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '',
-                             resume='')
+    model_ema = build_model_ema(model, args, legacy=True)
     model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -18,7 +18,7 @@ from shared.checkpoint import (CheckpointError, auto_resume, load_finetune, load
                                save_checkpoint, to_timm_state_dict)
 from shared.datasets import DatasetLayoutError, build_dataset, build_loaders
 from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp
-from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch
+from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, evaluate, log_epoch
 from toe.deit.engine import train_one_epoch
 from toe.deit.models import create_model
 from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
@@ -88,12 +88,8 @@ def main(args):
         set_attn_only(model)
     model.to(device)
 
-    model_ema = None
-    if args.model_ema:
-        from timm.utils import ModelEma
-        # created before any stage is set: its TokenSelect keeps sparse_inference False (full-token EMA eval)
-        model_ema = ModelEma(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else '',
-                             resume='')
+    # created before any stage is set: its TokenSelect keeps sparse_inference False (full-token EMA eval)
+    model_ema = build_model_ema(model, args, legacy=True)
 
     model, model_without_ddp = wrap_ddp(model, args)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -31,7 +31,7 @@ from shared.amp import NativeScaler, autocast
 from shared.checkpoint import CheckpointError, atomic_save, load_finetune_state, load_weights, safe_load, to_timm_state_dict
 from shared.datasets import DatasetLayoutError, image_folder
 from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_process, wrap_ddp
-from shared.engine import evaluate
+from shared.engine import build_model_ema, evaluate
 from toe.lvvit.data import (TokenLabelFolder, TokenLabelMixup, smoothed_one_hot, token_label_target,
                             token_label_train_transform)
 from toe.lvvit.loss import TokenLabelCrossEntropy, TokenLabelSoftTargetCrossEntropy
@@ -391,7 +391,7 @@ def main(args, args_text=''):
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer
     from timm.scheduler import create_scheduler
-    from timm.utils import ModelEmaV2, distribute_bn, update_summary
+    from timm.utils import distribute_bn, update_summary
     init_distributed_mode(args)
     device = torch.device(args.device)
     use_amp = args.amp or args.apex_amp or args.native_amp
@@ -442,7 +442,7 @@ def main(args, args_text=''):
                                          None if args.no_resume_opt else loss_scaler)
     if args.model_ema:
         # deep copy with the selector's flag off: the EMA is always validated on all tokens, as in the original
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+        model_ema = build_model_ema(model, args)
         if args.resume:
             obj = safe_load(args.resume)
             if 'state_dict_ema' in obj:
