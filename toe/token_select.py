@@ -238,12 +238,13 @@ def check_toe_args(parser, args):
         parser.error(str(e))
 
 
-def stage_message(token_select, epoch, num_patches):
-    """The per-epoch line every ToE trainer prints (tests read the stage transitions from it)."""
-    stage = token_select.expansion_stage
-    kept = token_select.kept_tokens(num_patches)
-    return (f'ToE epoch {epoch}: expansion stage {stage}/{token_select.total_expansion_stage}, '
-            f'{kept}/{num_patches} patch tokens kept in training')
+def enter_epoch(token_select, epoch, num_patches):
+    """What every ToE trainer does before an epoch's training: move the selector to the epoch's stage, switch token
+    selection on, and print the stage line (tests read the stage transitions from it)."""
+    token_select.update_current_stage(epoch)
+    token_select.sparse_inference = True
+    print(f'ToE epoch {epoch}: expansion stage {token_select.expansion_stage}/{token_select.total_expansion_stage}, '
+          f'{token_select.kept_tokens(num_patches)}/{num_patches} patch tokens kept in training')
 
 
 def build_token_select(args):

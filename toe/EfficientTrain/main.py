@@ -31,7 +31,7 @@ from shared.distributed import (all_reduce_mean, get_world_size, init_distribute
 from shared.engine import build_mixup, build_model_ema, evaluate
 from shared.metrics import MetricLogger, SmoothedValue
 from toe.deit.models import ARCHS, create_model
-from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
+from toe.token_select import add_toe_args, build_token_select, check_toe_args, enter_epoch
 
 
 def get_args_parser():
@@ -371,9 +371,7 @@ def main(args):
     for epoch in range(args.start_epoch, args.end_epoch):
         if args.distributed:
             loader_train.sampler.set_epoch(epoch)
-        token_select.update_current_stage(epoch)
-        token_select.sparse_inference = True
-        print(stage_message(token_select, epoch, num_patches))
+        enter_epoch(token_select, epoch, num_patches)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
                                       args.clip_grad, model_ema, mixup_fn, epoch * steps_per_epoch, lr_values,
                                       wd_values, steps_per_epoch, args)

@@ -21,7 +21,7 @@ from shared.distributed import init_distributed_mode, is_main_process, seed_per_
 from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, evaluate, log_epoch
 from toe.deit.engine import train_one_epoch
 from toe.deit.models import create_model
-from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
+from toe.token_select import add_toe_args, build_token_select, check_toe_args, enter_epoch
 
 
 def get_args_parser(add_help=True):
@@ -130,9 +130,7 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
             data_loader_train.sampler.set_epoch(epoch)
-        token_select.update_current_stage(epoch)
-        token_select.sparse_inference = True
-        print(stage_message(token_select, epoch, num_patches))
+        enter_epoch(token_select, epoch, num_patches)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode,
                                       args=args, amp=amp, print_freq=args.print_freq)

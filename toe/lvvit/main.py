@@ -36,7 +36,7 @@ from toe.lvvit.data import (TokenLabelFolder, TokenLabelMixup, smoothed_one_hot,
                             token_label_train_transform)
 from toe.lvvit.loss import TokenLabelCrossEntropy, TokenLabelSoftTargetCrossEntropy
 from toe.lvvit.models import MODELS, create_model
-from toe.token_select import add_toe_args, build_token_select, check_toe_args, stage_message
+from toe.token_select import add_toe_args, build_token_select, check_toe_args, enter_epoch
 
 config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
 config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
@@ -489,9 +489,7 @@ def main(args, args_text=''):
     for epoch in range(start_epoch, num_epochs):
         if args.distributed:
             loader_train.sampler.set_epoch(epoch)
-        token_select.update_current_stage(epoch)
-        token_select.sparse_inference = True
-        print(stage_message(token_select, epoch, num_patches))
+        enter_epoch(token_select, epoch, num_patches)
         train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, device,
                                         lr_scheduler=lr_scheduler, saver=saver, amp=amp, loss_scaler=loss_scaler,
                                         model_ema=model_ema, mixup_fn=mixup_fn)
