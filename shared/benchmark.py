@@ -1,5 +1,6 @@
 """Timing in ToMe's convention: random input, eval mode, no grad, warm-up runs thrown away, images per second at a
 stated batch size and dtype. Every speed figure of the project is a ratio of two such measurements taken in one run."""
+import statistics
 import time
 
 import torch
@@ -10,7 +11,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def throughput(model, input_size=(3, 224, 224), batch_size=64, device='cpu', dtype=torch.float32, runs=20,
                warmup=5, forward=None, inputs=None):
     """Images per second of `forward(model, x)` (default `model(x)`). `inputs` replaces the random batch (for
@@ -18,19 +18,9 @@ def throughput(model, input_size=(3, 224, 224), batch_size=64, device='cpu', dty
     device = torch.device(device)
     model = model.eval().to(device)
     x = inputs if inputs is not None else torch.randn(batch_size, *input_size)
-    x = x.to(device=device, dtype=dtype)
-    batch_size = x.shape[0]
     run = forward or (lambda m, t: m(t))
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for _ in range(warmup):
-            run(model, x)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(runs):
-            run(model, x)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-    return batch_size * runs / elapsed
+    return interleaved_throughput({'model': lambda t: run(model, t)}, x.to(device), rounds=1, runs=runs,
+                                  warmup=warmup, dtype=dtype)['model']
 
 
 @torch.no_grad()
@@ -40,7 +30,6 @@ def interleaved_throughput(forwards, inputs, rounds=5, runs=4, warmup=2, dtype=t
     another process) then shifts every forward alike instead of whichever was timed last.
 
     forwards: {name: fn(x)}; returns {name: img/s}."""
-    import statistics
     device = inputs.device
     x = inputs.to(dtype=dtype) if inputs.is_floating_point() else inputs
     seconds = {name: [] for name in forwards}
