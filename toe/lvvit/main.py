@@ -316,7 +316,7 @@ def build_loaders(args, data_config):
     return loader_train, loader_eval
 
 
-def build_mixup(args):
+def build_token_label_mixup(args):
     """TokenLabeling's mixup/cutmix, or None when neither is asked for."""
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
@@ -484,7 +484,7 @@ def main(args, args_text=''):
 
     if args.finetune:
         validate(model, loader_eval, device, amp)
-    mixup_fn = build_mixup(args)
+    mixup_fn = build_token_label_mixup(args)
     best_metric = best_epoch = None
     for epoch in range(start_epoch, num_epochs):
         if args.distributed:
