@@ -10,6 +10,7 @@ values are only compared with each other and with the two bound genes, so the se
 """
 import ast
 import csv
+import itertools
 import logging
 import os
 import random
@@ -55,6 +56,29 @@ def store2str(gene, macs, score, method, parents=None):
     return text
 
 
+def _write_rows(path, store, genes):
+    """One tab-separated row per gene: the gene tuple, then its MACs, score, method and parents, each as `str`."""
+    with open(path, 'w', newline='') as f:
+        csv.writer(f, delimiter='\t').writerows([str(gene), *map(str, store[gene])] for gene in genes)
+
+
+def _turn(p, q, r):
+    """Twice the signed area of the triangle p, q, r on the (MACs, score) plane: > 0 when r lies left of p -> q.
+    The terms are summed in this fixed order so that a float result (and its sign at ~0) is reproducible."""
+    (px, py), (qx, qy), (rx, ry) = p, q, r
+    return (px * qy + qx * ry + rx * py) - (px * ry + qx * py + rx * qy)
+
+
+def _strict_records(genes, score, floor):
+    """The genes whose score beats `floor` and every score before them, in order."""
+    records = []
+    for gene in genes:
+        if score(gene) > floor:
+            records.append(gene)
+            floor = score(gene)
+    return records
+
+
 class Evolution:
     """`macs_fn(gene) -> int` counts a gene's MACs; `evaluate_fn(gene) -> float` installs the gene and returns the
     test accuracy (a fraction)."""
@@ -72,107 +96,115 @@ class Evolution:
         self.store = {}  # gene -> (macs, score, method, parents)
         self.population = []
 
-    # ---- files: one row per gene, tab-separated: gene tuple, MACs, score, method, parents
+    def _macs(self, gene):
+        return self.store[gene][0]
+
+    def _score(self, gene):
+        return self.store[gene][1]
+
+    def _point(self, gene):
+        return self.store[gene][:2]
+
+    # ---- files (see _write_rows for the row layout)
     def load_store(self, store_file):
+        """Seed the store from a previous run's TSV (first three columns), so those genes are not re-evaluated;
+        they count as seeded (method 0, no parents)."""
         if not os.path.isfile(store_file):
             return
         with open(store_file) as f:
-            for row in csv.reader(f, delimiter='\t'):
-                gene, macs, score = (ast.literal_eval(x) for x in row[:3])
-                self.store[tuple(gene)] = (macs, score, 0, None)
+            rows = list(csv.reader(f, delimiter='\t'))
+        for text_gene, text_macs, text_score, *_ in rows:
+            self.store[tuple(ast.literal_eval(text_gene))] = (ast.literal_eval(text_macs),
+                                                               ast.literal_eval(text_score), 0, None)
         _logger.info("loaded %d evaluated genes from %s", len(self.store), store_file)
 
     def save_store(self, store_file):
-        with open(store_file, 'w', newline='') as f:
-            writer = csv.writer(f, delimiter='\t')
-            for gene in sorted(self.store, key=lambda g: self.store[g][0]):
-                writer.writerow([str(gene)] + [str(x) for x in self.store[gene]])
+        """Every evaluated gene, cheapest first (a stable sort: ties keep evaluation order)."""
+        _write_rows(store_file, self.store, sorted(self.store, key=self._macs))
 
     def save_population(self, population_file, population):
-        with open(population_file, 'w', newline='') as f:
-            writer = csv.writer(f, delimiter='\t')
-            for gene in population:
-                writer.writerow([str(gene)] + [str(x) for x in self.store[gene]])
+        _write_rows(population_file, self.store, population)
 
     # ---- frontier and hull on the (MACs, score) plane
-    def ccw(self, gene0, gene1, gene2):
-        x0, y0 = self.store[gene0][:2]
-        x1, y1 = self.store[gene1][:2]
-        x2, y2 = self.store[gene2][:2]
-        return (x0 * y1 + x1 * y2 + x2 * y0) - (x0 * y2 + x1 * y0 + x2 * y1)
-
     def convex_hull(self):
-        """Upper hull of the frontier; only logged and saved (breeding draws from the whole frontier)."""
-        hull = self.population[:2]
-        for gene in self.population[2:]:
-            if self.store[hull[-1]][1] >= self.store[gene][1]:
-                continue
-            while len(hull) >= 2 and self.ccw(hull[-2], hull[-1], gene) >= 0:
-                del hull[-1]
-            hull.append(gene)
-        return hull
+        """Upper hull of the frontier; only logged and saved (breeding draws from the whole frontier).
+
+        The first two genes are always taken; after them only genes that raise the score above every earlier one
+        (from the second on) are candidates, and an upper monotone chain over those keeps the ones that bend
+        downwards: a middle point left of or on the chord is removed."""
+        head, tail = self.population[:2], self.population[2:]
+        floor = self._score(head[-1]) if tail else None
+        chain = []
+        for gene in head + _strict_records(tail, self._score, floor):
+            while len(chain) > 1 and _turn(self._point(chain[-2]), self._point(chain[-1]), self._point(gene)) >= 0:
+                chain.pop()
+            chain.append(gene)
+        return chain
 
     def pareto_frontier(self):
-        """Replace the population by its frontier: the cheapest gene, every gene more accurate than the last kept,
-        and always the most expensive one. Returns (frontier, normalised area under it)."""
-        self.population = sorted(self.population, key=lambda g: self.store[g][:2])
-        frontier = [self.population[0]]
-        for gene in self.population[1:-1]:
-            if self.store[gene][1] > self.store[frontier[-1]][1]:
-                # LAT compared the MACs with `frontier[-1][0]` (a length, a typo that never fires); the intended
-                # check: a cheaper-or-equal gene at the same MACs is dominated by this more accurate one.
-                if self.store[gene][0] == self.store[frontier[-1]][0]:
-                    del frontier[-1]
-                frontier.append(gene)
-        if len(self.population) > 1:
-            frontier.append(self.population[-1])
-        self.population = frontier
+        """Replace the population by its frontier and return (frontier, normalised area under it).
+
+        Sorted by (MACs, score), every gene but the most expensive is grouped by MACs; a group's best gene (the
+        first at its top score) joins when it beats every cheaper group's score (the cheapest group's always does).
+        The most expensive gene always closes the frontier. The area is the staircase under it, divided by the
+        MACs span between the two bound genes."""
+        ranked = sorted(self.population, key=self._point)
+        frontier, best = [], None
+        for _, group in itertools.groupby(ranked[:-1], key=self._macs):
+            champion = max(group, key=self._score)  # max keeps the first of equal scores
+            if best is None or self._score(champion) > best:
+                frontier.append(champion)
+                best = self._score(champion)
+        self.population = frontier + ranked[-1:]
         area = 0
-        for gene0, gene1 in zip(self.population[:-1], self.population[1:]):
-            x0, y0 = self.store[gene0][:2]
-            x1, _ = self.store[gene1][:2]
-            area += (x1 - x0) * y0
+        for left, right in zip(self.population, self.population[1:]):
+            area += (self._macs(right) - self._macs(left)) * self._score(left)
         span = (self.upper_constraint or 0) - self.lower_constraint
         return self.population, (area / span if span else 0.0)
 
     # ---- population growth
+    def _within_bounds(self, macs):
+        return self.lower_constraint <= macs and (self.upper_constraint is None or macs <= self.upper_constraint)
+
     def add_gene(self, gene, macs=None, score=None, method=0, parents=None):
-        """Evaluate a new gene (unless cheaper than the lower bound) and add it to the population when its MACs lie
-        within the bounds and it is not there yet. Returns whether it was added."""
+        """Evaluate a new gene (unless cheaper than the lower bound, then it is dropped unevaluated and unstored)
+        and add it to the population when its MACs lie within the bounds and it is not there yet. Returns whether
+        it was added."""
         gene = tuple(int(g) for g in gene)
-        if gene not in self.store:
-            macs = macs or self.macs_fn(gene)
+        known = self.store.get(gene)
+        if known is None:
+            if not macs:
+                macs = self.macs_fn(gene)
             if macs < self.lower_constraint:
                 return False
-            score = score if score is not None else float(self.evaluate_fn(gene))
-            self.store[gene] = (macs, score, method, parents)
-            _logger.info(store2str(gene, macs, score, method, parents))
-        macs = self.store[gene][0]
-        if macs >= self.lower_constraint and (self.upper_constraint is None or macs <= self.upper_constraint) \
-                and gene not in self.population:
-            self.population.append(gene)
-            return True
-        return False
+            if score is None:
+                score = float(self.evaluate_fn(gene))
+            known = self.store[gene] = (macs, score, method, parents)
+            _logger.info(store2str(gene, *known))
+        if gene in self.population or not self._within_bounds(known[0]):
+            return False
+        self.population.append(gene)
+        return True
 
     def mutate(self, mutation_prob):
-        """Per layer, with probability `mutation_prob`, redraw the length uniformly between the parent's next
-        length (2 after the last layer) and the child's previous one, which keeps the gene non-increasing."""
-        gene = random.choice(self.population)
-        child = ()
-        for i in range(self.num_layers):
-            if np.random.uniform() < mutation_prob:
-                prev = self.max_seq_length if i == 0 else child[i - 1]
-                nxt = 2 if i == self.num_layers - 1 else gene[i + 1]
-                child += (random.randrange(nxt, prev + 1),)
-            else:
-                child += (gene[i],)
-        return self.add_gene(child, method=1, parents=(gene,))
+        """A random frontier gene with each layer, with probability `mutation_prob`, redrawn uniformly between the
+        parent's next length (2 after the last layer) and the child's previous one: the child stays
+        non-increasing. Draws: one `random.choice`, one numpy uniform per layer, one `random.randint` per redrawn
+        layer."""
+        parent = random.choice(self.population)
+        redraw = np.random.uniform(size=self.num_layers) < mutation_prob
+        floors = parent[1:] + (2,)
+        child = []
+        for layer, (kept, floor) in enumerate(zip(parent, floors)):
+            ceiling = child[-1] if child else self.max_seq_length
+            child.append(random.randint(floor, ceiling) if redraw[layer] else kept)
+        return self.add_gene(child, method=1, parents=(parent,))
 
     def crossover(self):
-        """Element-wise ceil of the mean of two distinct frontier genes."""
-        gene0, gene1 = random.sample(self.population, 2)
-        child = tuple((g0 + g1 + 1) // 2 for g0, g1 in zip(gene0, gene1))
-        return self.add_gene(child, method=2, parents=(gene0, gene1))
+        """Element-wise mean of two distinct frontier genes, rounded up."""
+        pair = tuple(random.sample(self.population, 2))
+        child = [-(-(a + b) // 2) for a, b in zip(*pair)]
+        return self.add_gene(child, method=2, parents=pair)
 
     def grow(self, operator, count, *op_args):
         """Call `operator` until it succeeds `count` times. The original retried forever (a frontier of one gene
