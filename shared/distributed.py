@@ -3,6 +3,7 @@ import atexit
 import builtins
 import datetime
 import os
+import re
 import warnings
 
 import torch
@@ -93,16 +94,73 @@ def resolve_device(name):
 
 def setup_for_distributed(is_master):
     """Silence print() on non-master ranks (pass force=True to print anyway), as DeiT does."""
-    builtin_print = builtins.print
+    real_print = builtins.print
 
-    def print(*args, **kwargs):
-        force = kwargs.pop('force', False)
-        if is_master or force:
-            builtin_print(*args, **kwargs)
+    def print_from_master(*args, force=False, **kwargs):
+        # every rank prints the same epoch logs: only rank 0 (or a caller insisting with force=True) writes them
+        if not (is_master or force):
+            return
+        real_print(*args, **kwargs)
 
-    builtins.print = print
+    builtins.print = print_from_master
     if not is_master:
         warnings.filterwarnings('ignore')
+
+
+def expand_hostlist(hostlist):
+    """The host names of a SLURM host list, in order: `gpu[01-03,7],cpu1` -> gpu01 gpu02 gpu03 gpu7 cpu1.
+
+    Commas separate hosts except inside brackets; each bracket group is a comma list of numbers or `lo-hi` ranges,
+    printed at the width of `lo` (SLURM keeps the zero padding); several groups in one name multiply out."""
+    hosts = []
+    for name in _split_outside_brackets(hostlist):
+        expansions = ['']
+        for literal, group in re.findall(r'([^\[]*)(?:\[([^\]]*)\])?', name):
+            suffixes = [literal + number for number in _expand_range_group(group)] if group else [literal]
+            expansions = [head + tail for head in expansions for tail in suffixes]
+        hosts.extend(expansions)
+    return hosts
+
+
+def _split_outside_brackets(text):
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {'[': 1, ']': -1}.get(char, 0)
+        if char == ',' and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _expand_range_group(group):
+    numbers = []
+    for item in group.split(','):
+        lo, _, hi = item.strip().partition('-')
+        if not hi:
+            numbers.append(lo)
+            continue
+        numbers.extend(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
+    return numbers
+
+
+def default_master_port(job_id):
+    """A rendezvous port every task of one SLURM job computes alike (from the job id), different for jobs that share
+    a node: 12000-31999, below Linux's ephemeral range (32768+) where outgoing connections take their ports."""
+    digits = ''.join(ch for ch in str(job_id) if ch.isdigit())  # array jobs are named 1234_5
+    return 12000 + int(digits or 0) % 20000
+
+
+def slurm_env_to_dist(env):
+    """The torch.distributed variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, as strings) of one
+    task started by `srun` without torchrun, from SLURM's variables in `env`. MASTER_ADDR and MASTER_PORT set by the
+    user win; otherwise the address is the step's first host, where SLURM places task 0."""
+    nodelist = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST')
+    master_addr = env.get('MASTER_ADDR') or (expand_hostlist(nodelist)[0] if nodelist else '127.0.0.1')
+    master_port = env.get('MASTER_PORT') or str(default_master_port(env.get('SLURM_JOB_ID', '0')))
+    return {'RANK': str(int(env['SLURM_PROCID'])), 'WORLD_SIZE': str(int(env.get('SLURM_NTASKS', 1))),
+            'LOCAL_RANK': str(int(env.get('SLURM_LOCALID', 0))), 'MASTER_ADDR': master_addr,
+            'MASTER_PORT': str(master_port)}
 
 
 def init_distributed_mode(args):
@@ -115,17 +173,11 @@ def init_distributed_mode(args):
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', getattr(args, 'local_rank', 0) or 0))
     elif 'SLURM_PROCID' in os.environ:
-        args.rank = int(os.environ['SLURM_PROCID'])
-        args.world_size = int(os.environ.get('SLURM_NTASKS', 1))
-        ngpu = max(torch.cuda.device_count(), 1)
-        args.gpu = args.rank % ngpu
-        os.environ.setdefault('RANK', str(args.rank))
-        os.environ.setdefault('WORLD_SIZE', str(args.world_size))
-        os.environ.setdefault('LOCAL_RANK', str(args.gpu))
-        os.environ.setdefault('MASTER_PORT', '29500')
-        if 'MASTER_ADDR' not in os.environ:
-            nodes = os.environ.get('SLURM_NODELIST', '127.0.0.1')
-            os.environ['MASTER_ADDR'] = nodes.split(',')[0].split('[')[0]
+        # `srun python script.py`: one task per GPU, SLURM numbers them; env:// reads the variables set here
+        slurm = slurm_env_to_dist(os.environ)
+        for key, value in slurm.items():
+            os.environ.setdefault(key, value)
+        args.rank, args.world_size, args.gpu = int(slurm['RANK']), int(slurm['WORLD_SIZE']), int(slurm['LOCAL_RANK'])
     else:
         print('Not using distributed mode')
         args.distributed = False

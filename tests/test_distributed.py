@@ -101,6 +101,69 @@ def test_cli_prints_error_without_traceback(tmp_path, monkeypatch, capsys):
     assert err.startswith('error: ') and 'images.txt not found' in err
 
 
+# ------------------------------------------------------------------ SLURM without torchrun (fast)
+
+
+@pytest.mark.parametrize('hostlist, hosts', [
+    ('a[1-3,5]', ['a1', 'a2', 'a3', 'a5']),
+    ('a[01-04]', ['a01', 'a02', 'a03', 'a04']),
+    ('a1,b[2-3]', ['a1', 'b2', 'b3']),
+    ('rack1-n[001-002]', ['rack1-n001', 'rack1-n002']),
+    ('node-a[1,3]', ['node-a1', 'node-a3']),
+    ('host', ['host']),
+    ('a[8-10]', ['a8', 'a9', 'a10']),
+    ('x[1-2]y[7,9]', ['x1y7', 'x1y9', 'x2y7', 'x2y9']),
+])
+def test_expand_hostlist(hostlist, hosts):
+    from shared.distributed import expand_hostlist
+    assert expand_hostlist(hostlist) == hosts
+
+
+def slurm_task_env(procid, job_id='4242', nodelist='gpu[07-08]', nodes=2, tasks_per_node=2):
+    """The variables srun gives task `procid` of a job on `nodes` nodes with `tasks_per_node` tasks each (block
+    distribution: tasks 0..k-1 on the first node)."""
+    return {'SLURM_JOB_ID': job_id, 'SLURM_JOB_NODELIST': nodelist, 'SLURM_NODELIST': nodelist,
+            'SLURM_JOB_NUM_NODES': str(nodes), 'SLURM_NTASKS': str(nodes * tasks_per_node),
+            'SLURM_NTASKS_PER_NODE': str(tasks_per_node), 'SLURM_PROCID': str(procid),
+            'SLURM_LOCALID': str(procid % tasks_per_node), 'SLURM_NODEID': str(procid // tasks_per_node)}
+
+
+def test_slurm_env_to_dist_two_nodes_two_tasks():
+    from shared.distributed import slurm_env_to_dist
+    got = [slurm_env_to_dist(slurm_task_env(p)) for p in range(4)]
+    assert [g['RANK'] for g in got] == ['0', '1', '2', '3']
+    assert [g['LOCAL_RANK'] for g in got] == ['0', '1', '0', '1']
+    assert {g['WORLD_SIZE'] for g in got} == {'4'} and {g['MASTER_ADDR'] for g in got} == {'gpu07'}
+    assert {g['MASTER_PORT'] for g in got} == {str(12000 + 4242)}
+    assert slurm_env_to_dist(slurm_task_env(0, job_id='77_3'))['MASTER_PORT'] == str(12000 + 773)
+    chosen = slurm_env_to_dist({**slurm_task_env(1), 'MASTER_ADDR': 'login1', 'MASTER_PORT': '6000'})
+    assert (chosen['MASTER_ADDR'], chosen['MASTER_PORT']) == ('login1', '6000')
+
+
+@pytest.mark.parametrize('procid', range(4))
+def test_init_distributed_mode_under_srun(procid, monkeypatch):
+    import argparse
+    import builtins
+    import warnings
+    import shared.distributed as sd
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in slurm_task_env(procid).items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(sd.dist, 'init_process_group', lambda **kw: calls.append(kw))
+    monkeypatch.setattr(sd.dist, 'barrier', lambda: None)
+    monkeypatch.setattr(builtins, 'print', builtins.print)  # restored after setup_for_distributed replaced it
+    args = argparse.Namespace(device='cpu', dist_url='env://')
+    with warnings.catch_warnings():
+        sd.init_distributed_mode(args)
+    assert (args.distributed, args.rank, args.world_size, args.gpu) == (True, procid, 4, procid % 2)
+    assert (args.device, args.dist_backend) == ('cpu', 'gloo')
+    assert [(c['rank'], c['world_size'], c['init_method']) for c in calls] == [(procid, 4, 'env://')]
+    assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('gpu07', str(12000 + 4242))
+    assert (os.environ['RANK'], os.environ['LOCAL_RANK']) == (str(procid), str(procid % 2))
+
+
 # ------------------------------------------------------------------ torchrun, 2 processes (heavy)
 
 # Runs tools/train_baseline.py unchanged, recording every rank's parameters after each epoch; with FAULT_EPOCH set,
