@@ -7,6 +7,7 @@ similar survivors (merge). The search never removes tokens: it masks keys in the
 token masks carry gradients to the proxies.
 """
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from diffrate.flops import vit_gflops, vit_training_gflops
@@ -56,16 +57,42 @@ def attention_with_size(attn_module, x, size=None, mask=None):
     return x, attn
 
 
+def fused_attention_with_class_row(attn_module, x, size=None):
+    """Inference form of `attention_with_size`: the output from fused attention (no N x N map kept), and only the
+    class token's row of the attention map, (B, heads, 1, N), which is all the token ordering reads. The row is
+    the same softmax of q_cls . K^T * scale (+ log sizes) as the full map's first row."""
+    B, N, C = x.shape
+    m = attn_module
+    qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if getattr(m, 'q_norm', None) is not None:
+        q, k = m.q_norm(q), m.k_norm(k)
+    size_bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
+    cls_logits = (q[:, :, :1] @ k.transpose(-2, -1)) * m.scale
+    if size_bias is not None:
+        cls_logits = cls_logits + size_bias
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias, scale=m.scale)
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    if getattr(m, 'norm', None) is not None:
+        x = m.norm(x)
+    x = m.proj_drop(m.proj(x))
+    return x, cls_logits.softmax(dim=-1)
+
+
 class DiffRateAttention(Attention):
-    """timm ViT Attention returning (output, attention map), with proportional attention and the search's mask."""
+    """timm ViT Attention returning (output, attention map), with proportional attention and the search's mask.
+    Under no_grad in eval mode the map is the class token's row only (fused attention for the output); the search
+    and training keep the explicit map, whose every row the masked softmax needs."""
 
     def forward(self, x, size=None, mask=None):
+        if not self.training and not torch.is_grad_enabled():
+            return fused_attention_with_class_row(self, x, size)
         return attention_with_size(self, x, size, mask)
 
 
 def sort_by_class_attention(attn):
     """Permutation (B, N) keeping the class token first and ordering the others by the class token's attention
-    to them, averaged over heads, descending."""
+    to them, averaged over heads, descending. `attn` is the map (B, heads, N, N) or its class row (B, heads, 1, N)."""
     B = attn.shape[0]
     cls_attn = attn[:, :, 0, 1:].mean(dim=1)
     _, order = torch.sort(cls_attn, descending=True)

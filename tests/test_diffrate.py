@@ -80,6 +80,53 @@ def test_eval_token_counts_follow_the_schedule():
     assert sizes.shape == (2, 3, 1) and (sizes > 0).all()
 
 
+def test_fused_class_row_attention_matches_the_explicit_map():
+    from diffrate.vit import attention_with_size, fused_attention_with_class_row
+    model = _tiny_vit().eval()
+    attn = model.blocks[3].attn
+    x = torch.randn(2, 17, 192, generator=torch.Generator().manual_seed(0))
+    size = torch.rand(2, 17, 1, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    with torch.no_grad():
+        out, full_map = attention_with_size(attn, x, size)
+        fused, cls_row = fused_attention_with_class_row(attn, x, size)
+    assert cls_row.shape == (2, 3, 1, 17)
+    assert torch.allclose(cls_row, full_map[:, :, :1], atol=1e-6, rtol=0)
+    assert torch.allclose(fused, out, atol=1e-5, rtol=0)
+
+
+def _shipped_deit_small():
+    torch.manual_seed(0)
+    model = apply_diffrate(create_model('vit_deit_small_patch16_224'), 'vit_deit_small_patch16_224', 4,
+                           trace_source=True)
+    model.set_kept_num(*schedules.lookup('vit_deit_small_patch16_224', 2.9, schedules.SHIPPED_PATH))
+    return model, 224
+
+
+def _mae_64px():
+    model = _tiny_vit('vit_base_patch16_mae')
+    model._diffrate_info['trace_source'] = True
+    model.set_kept_num([17, 15, 13, 13, 11, 11, 9, 9, 7, 7, 5, 5], [17, 14, 13, 12, 12, 10, 9, 8, 7, 6, 5, 5])
+    return model, 64
+
+
+@pytest.mark.parametrize('build', [_shipped_deit_small, _mae_64px])
+def test_fused_eval_forward_keeps_logits_and_token_choice_of_the_explicit_path(build):
+    """Evaluation under no_grad (fused attention + class-token row) against the same eval forward with grad on
+    (the explicit map): fixed random weights, a schedule, the kept / merged tokens traced by source."""
+    model, px = build()
+    model.eval()
+    x = torch.randn(3, 3, px, px, generator=torch.Generator().manual_seed(1))
+    with torch.enable_grad():
+        explicit = model(x, return_flop=False).detach()
+    explicit_source = model._diffrate_info['source'].clone()
+    with torch.no_grad():
+        fused = model(x, return_flop=False)
+    assert (explicit - fused).abs().max() < 1e-5
+    assert torch.equal(explicit.argmax(-1), fused.argmax(-1))
+    assert torch.equal(model._diffrate_info['source'], explicit_source)
+    assert explicit_source.shape[1] < explicit_source.shape[2]  # the schedule compressed
+
+
 def test_search_forward_masks_instead_of_dropping_and_gradients_reach_logits():
     model = _tiny_vit().train()
     logits, flops = model(torch.randn(2, 3, 64, 64))
