@@ -25,21 +25,22 @@ DUMMY_BATCH = 8  # the original profiled a (8, 3, img, img) tensor of ones and s
 def approx_ratio(x, n=12, l=384):
     """LAT's mean relative length of the fixed-ratio chain. n=12 layers and l=384 (BERT's length, not ViT's 785)
     are hard-coded in the original; keeping them reproduces its 20 seed genes exactly."""
-    s = 0
-    i = l
-    for _ in range(n):
-        i = int(np.ceil(i * (1 - x)))
-        s += i
-    return s / (n * l)
+    chain = itertools.accumulate(range(n), lambda length, _: int(np.ceil(length * (1 - x))), initial=l)
+    next(chain)  # the input length itself is not a layer's
+    return sum(chain) / (n * l)
 
 
 def inverse(x):
-    """The drop ratio whose approx_ratio is x (bisection to 1e-12)."""
-    lo, hi = 0, 1
-    while hi - lo > 1e-12:
-        c = (lo + hi) / 2
-        lo, hi = (c, hi) if x <= approx_ratio(c) else (lo, c)
-    return lo
+    """The drop ratio whose approx_ratio is x: bisection on [0, 1] (approx_ratio falls as the ratio grows) until
+    the bracket is at most 1e-12 wide; returns its lower end."""
+    low, high = 0, 1
+    while high - low > 1e-12:
+        mid = (low + high) / 2
+        if x <= approx_ratio(mid):  # mid does not drop enough yet
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 def seed_ratios(length_drop_ratio_bound, population_size):

@@ -1,42 +1,29 @@
-"""ViT-pytorch's learning-rate schedules (LambdaLR factors of the base LR).
+"""ViT-pytorch's learning-rate schedule: a linear warm-up, then a linear or a half-period cosine decay, as a
+`LambdaLR` factor of the base LR.
 
 train.py calls `scheduler.step()` *before* `optimizer.step()`, as the original does, so update k uses the factor of
 step k (the first update already runs at lr / warmup_steps)."""
+import functools
 import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
 
-class WarmupLinearSchedule(LambdaLR):
-    """Linear warm-up from 0 to 1 over `warmup_steps`, then linear decay to 0 at `t_total`."""
-
-    def __init__(self, optimizer, warmup_steps, t_total, last_epoch=-1):
-        self.warmup_steps = warmup_steps
-        self.t_total = t_total
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step):
-        if step < self.warmup_steps:
-            return float(step) / float(max(1, self.warmup_steps))
-        return max(0.0, float(self.t_total - step) / float(max(1.0, self.t_total - self.warmup_steps)))
-
-
-class WarmupCosineSchedule(LambdaLR):
-    """Linear warm-up from 0 to 1 over `warmup_steps`, then cosine decay (half a period with cycles=0.5)."""
-
-    def __init__(self, optimizer, warmup_steps, t_total, cycles=.5, last_epoch=-1):
-        self.warmup_steps = warmup_steps
-        self.t_total = t_total
-        self.cycles = cycles
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step):
-        if step < self.warmup_steps:
-            return float(step) / float(max(1.0, self.warmup_steps))
-        progress = float(step - self.warmup_steps) / float(max(1, self.t_total - self.warmup_steps))
-        return max(0.0, 0.5 * (1. + math.cos(math.pi * float(self.cycles) * 2.0 * progress)))
+def warmup_decay_factor(step, warmup_steps, total_steps, decay_type):
+    """The factor of the base LR at `step`: step / warmup_steps during the warm-up, then from 1 down to 0 at
+    `total_steps`, along a half cosine period ('cosine') or a straight line (any other `decay_type`). The linear
+    decay stays at 0 past `total_steps`; the cosine one, like the original's, would rise again (training stops at
+    `total_steps`)."""
+    if step < warmup_steps:
+        return step / max(warmup_steps, 1)
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if decay_type == 'cosine':
+        # pi * done equals the original's pi * cycles * 2 * done for cycles = 0.5 to the last bit (powers of two)
+        return 0.5 * (1.0 + math.cos(math.pi * ((step - warmup_steps) / decay_steps)))
+    return max((total_steps - step) / decay_steps, 0.0)
 
 
 def build_scheduler(optimizer, decay_type, warmup_steps, t_total):
-    cls = WarmupCosineSchedule if decay_type == 'cosine' else WarmupLinearSchedule
-    return cls(optimizer, warmup_steps=warmup_steps, t_total=t_total)
+    factor = functools.partial(warmup_decay_factor, warmup_steps=warmup_steps, total_steps=t_total,
+                               decay_type=decay_type)
+    return LambdaLR(optimizer, factor)
