@@ -8,20 +8,12 @@ import ml_collections
 
 
 def _base(patch, hidden, mlp, heads, layers):
-    config = ml_collections.ConfigDict()
-    config.patches = ml_collections.ConfigDict({'size': (patch, patch)})
-    config.split = 'non-overlap'
-    config.slide_step = 12
-    config.hidden_size = hidden
-    config.transformer = ml_collections.ConfigDict()
-    config.transformer.mlp_dim = mlp
-    config.transformer.num_heads = heads
-    config.transformer.num_layers = layers
-    config.transformer.attention_dropout_rate = 0.0
-    config.transformer.dropout_rate = 0.1
-    config.classifier = 'token'
-    config.representation_size = None
-    return config
+    """A ViT-pytorch config; nested dicts become nested ConfigDicts, in this key order."""
+    return ml_collections.ConfigDict(dict(
+        patches=dict(size=(patch, patch)), split='non-overlap', slide_step=12, hidden_size=hidden,
+        transformer=dict(mlp_dim=mlp, num_heads=heads, num_layers=layers, attention_dropout_rate=0.0,
+                         dropout_rate=0.1),
+        classifier='token', representation_size=None))
 
 
 def get_b16_config():

@@ -60,13 +60,15 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.transformer.mlp_dim)
-        self.fc2 = nn.Linear(config.transformer.mlp_dim, config.hidden_size)
+        width, hidden = config.hidden_size, config.transformer.mlp_dim
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
         self.dropout = nn.Dropout(config.transformer.dropout_rate)
-        nn.init.xavier_uniform_(self.fc1.weight)
-        nn.init.xavier_uniform_(self.fc2.weight)
-        nn.init.normal_(self.fc1.bias, std=1e-6)
-        nn.init.normal_(self.fc2.bias, std=1e-6)
+        # Xavier weights and near-zero biases; both weights are drawn before both biases, which fixes the RNG order.
+        layers = (self.fc1, self.fc2)
+        for fc in layers:
+            nn.init.xavier_uniform_(fc.weight)
+        for fc in layers:
+            nn.init.normal_(fc.bias, std=1e-6)
 
     def forward(self, x):
         x = self.dropout(F.gelu(self.fc1(x)))
