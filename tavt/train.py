@@ -106,11 +106,9 @@ def get_args_parser():
 # set-up
 
 def set_seed(args):
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(args.seed)
+    """Python's, NumPy's and torch's generators (torch.manual_seed also seeds every CUDA device)."""
+    for seed_generator in (random.seed, np.random.seed, torch.manual_seed):
+        seed_generator(args.seed)
 
 
 def load_checkpoint_model(path, model):
@@ -347,11 +345,13 @@ def run_training(args, model, distil, datasets=None):
     broadcast_parameters(model)
 
     logger.info("***** Running training *****")
-    logger.info("  Total optimization steps = %d", args.num_steps)
-    logger.info("  Instantaneous batch size per GPU = %d", args.train_batch_size)
-    logger.info("  Total train batch size (w. parallel, distributed & accumulation) = %d",
-                args.train_batch_size * args.gradient_accumulation_steps * get_world_size())
-    logger.info("  Gradient Accumulation steps = %d", args.gradient_accumulation_steps)
+    accumulation = args.gradient_accumulation_steps
+    for what, count in (("Total optimization steps", args.num_steps),
+                        ("Instantaneous batch size per GPU", args.train_batch_size),
+                        ("Total train batch size (w. parallel, distributed & accumulation)",
+                         args.train_batch_size * accumulation * get_world_size()),
+                        ("Gradient Accumulation steps", accumulation)):
+        logger.info("  %s = %d", what, count)
 
     passes = distil_passes if distil else baseline_passes
     model.zero_grad()
@@ -389,13 +389,13 @@ def run_training(args, model, distil, datasets=None):
                         if better:
                             save_model(args, model, precision)
                             best_acc = accuracy
-                        logger.info("best accuracy so far: %f" % best_acc)
+                        logger.info("best accuracy so far: %f", best_acc)
                     model.train()
                 if global_step % t_total == 0:
                     break
-        epoch += 1
         train_accuracy = reduce_counts(correct, seen)
         logger.info("%s accuracy so far: %f" % ("single epoch train" if distil else "train", train_accuracy))
+        epoch += 1
         if global_step % t_total == 0:
             break
     if writer is not None:
