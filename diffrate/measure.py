@@ -52,36 +52,57 @@ def flops(args):
 def add_benchmark_args(parser):
     add_flops_args(parser)
     parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--runs', type=int, default=20)
+    parser.add_argument('--rounds', type=int, default=5, help='interleaved timing rounds (median and spread)')
+    parser.add_argument('--runs', type=int, default=4, help='forwards of each model per round')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave as is)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--granularity', type=int, default=4)
+    parser.add_argument('--seed', type=int, default=0)
 
 
 def benchmark(args):
-    """Throughput of the patched model (random weights) under the schedule vs the same model uncompressed."""
+    """Plain timm model against the same weights DiffRate-patched, uncompressed and under the schedule, timed in
+    alternation (random weights and input); speed-up over the plain model as the median and range over rounds."""
+    import copy
     import torch
     from diffrate.models import apply_diffrate, create_model
-    from shared.benchmark import throughput
+    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = apply_diffrate(create_model(args.model, num_classes=args.nb_classes), args.model, args.granularity)
-    model.eval().to(device)
-    depth = len(model.get_kept_num()[1])
-    full = [10 ** 6] * depth
-    results = {}
-    settings = [('uncompressed', None if args.model == 'caformer_s36' else full, full)]
+    torch.manual_seed(args.seed)
+    plain = create_model(args.model, num_classes=args.nb_classes).eval().to(device)
+    patched = apply_diffrate(copy.deepcopy(plain), args.model, args.granularity).eval().to(device)
+    full = [10 ** 6] * len(patched.get_kept_num()[1])
+    settings = {'uncompressed': (None if args.model == 'caformer_s36' else full, full)}
     if args.target_flops is not None:
-        settings.append((f'target {args.target_flops}',) + schedules.lookup(args.model, args.target_flops,
-                                                                            args.compression_rate_file))
-    for label, prune, merge in settings:
+        settings[f'target {args.target_flops}'] = schedules.lookup(args.model, args.target_flops,
+                                                                    args.compression_rate_file)
+    models, gflops = {'timm': plain}, {'timm': schedule_gflops(args.model, None, None, args.nb_classes)}
+    for label, (prune, merge) in settings.items():
+        model = copy.deepcopy(patched)
         model.set_kept_num(prune, merge)
-        ips = throughput(model, batch_size=args.batch_size, device=device, runs=args.runs,
-                         forward=_logits_only)
-        results[label] = {'images_per_s': ips, 'gflops': model.calculate_flop_inference() / 1e9}
-        print(f"{label:>16}: {ips:9.1f} im/s  {results[label]['gflops']:.3f} GFLOPs")
+        models[label] = model
+        gflops[label] = model.calculate_flop_inference() / 1e9
+    forwards = {'timm': plain}
+    forwards.update({label: _logits_only(models[label]) for label in settings})
+    size = getattr(plain, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
+    x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    seconds = interleaved_seconds(forwards, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup)
+    table = speedup_table(seconds, args.batch_size, 'timm')
+    print(f'{args.model}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, {args.rounds} '
+          f'interleaved rounds of {args.runs} forwards; median [min, max] over rounds')
+    results = {}
+    for label, row in table.items():
+        results[label] = {'images_per_s': row['img_per_s']['median'], 'gflops': gflops[label],
+                          'img_per_s': row['img_per_s'], 'speedup': row['speedup']}
+        print(f"{label:>16}: {format_spread(row['img_per_s'], 1):>26} im/s  {gflops[label]:.3f} GFLOPs  "
+              f"speed-up {format_spread(row['speedup'])}")
     return results
 
 
-def _logits_only(model, x):
-    import torch
-    with torch.no_grad():
+def _logits_only(model):
+    def forward(x):
         return model(x, return_flop=False)
+    return forward

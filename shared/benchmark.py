@@ -24,12 +24,12 @@ def throughput(model, input_size=(3, 224, 224), batch_size=64, device='cpu', dty
 
 
 @torch.no_grad()
-def interleaved_throughput(forwards, inputs, rounds=5, runs=4, warmup=2, dtype=torch.float32):
-    """Images per second of several forwards on the same batch, timed in alternation: `rounds` rounds, each running
-    every forward `runs` times in turn; the median round counts. A machine whose speed drifts (a shared VM, clocks,
-    another process) then shifts every forward alike instead of whichever was timed last.
+def interleaved_seconds(forwards, inputs, rounds=5, runs=4, warmup=2, dtype=torch.float32):
+    """Seconds per call of several forwards on the same batch, timed in alternation: `rounds` rounds, each running
+    every forward `runs` times in turn. A machine whose speed drifts (a shared VM, clocks, another process) then
+    shifts every forward alike instead of whichever was timed last.
 
-    forwards: {name: fn(x)}; returns {name: img/s}."""
+    forwards: {name: fn(x)}; returns {name: [seconds per call, one per round]}."""
     device = inputs.device
     x = inputs.to(dtype=dtype) if inputs.is_floating_point() else inputs
     seconds = {name: [] for name in forwards}
@@ -45,7 +45,36 @@ def interleaved_throughput(forwards, inputs, rounds=5, runs=4, warmup=2, dtype=t
                     fn(x)
                 _sync(device)
                 seconds[name].append((time.perf_counter() - start) / runs)
-    return {name: x.shape[0] / statistics.median(t) for name, t in seconds.items()}
+    return seconds
+
+
+def interleaved_throughput(forwards, inputs, rounds=5, runs=4, warmup=2, dtype=torch.float32):
+    """Images per second of the median round of `interleaved_seconds`; returns {name: img/s}."""
+    seconds = interleaved_seconds(forwards, inputs, rounds, runs, warmup, dtype)
+    return {name: inputs.shape[0] / statistics.median(t) for name, t in seconds.items()}
+
+
+def _spread(values):
+    values = sorted(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method='inclusive') if len(values) > 1 else values * 3
+    return {'median': statistics.median(values), 'min': values[0], 'max': values[-1], 'q1': q1, 'q3': q3}
+
+
+def speedup_table(seconds, batch_size, baseline):
+    """Per forward of `interleaved_seconds`' result: images/s and speed-up over `baseline`, each as the median,
+    min, max and quartiles over the rounds. A round's speed-up divides that round's two timings, taken moments
+    apart, so the drift between rounds cancels out of it.
+
+    Returns {name: {'img_per_s': spread, 'speedup': spread}}, a spread being {median, min, max, q1, q3}."""
+    base = seconds[baseline]
+    return {name: {'img_per_s': _spread([batch_size / s for s in t]),
+                   'speedup': _spread([b / s for b, s in zip(base, t)])}
+            for name, t in seconds.items()}
+
+
+def format_spread(spread, digits=2):
+    """'median [min, max]' of a `speedup_table` entry."""
+    return f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}, {spread['max']:.{digits}f}]"
 
 
 def latency_ms(model, input_size=(3, 224, 224), **kwargs):

@@ -310,3 +310,18 @@ def test_readme_search_command_under_torchrun(tmp_path):
                    '--target_flops', '0.06', '--batch-size', '4', '--num_workers', '0', '--device', 'cpu',
                    '--output_dir', ''], nproc=2)
     assert ev.returncode == 0 and '* Acc@1' in ev.stdout, ev.stdout[-3000:]
+
+
+def test_benchmark_hook_times_plain_timm_against_the_schedule():
+    import argparse
+    from diffrate.measure import add_benchmark_args, benchmark
+    parser = argparse.ArgumentParser()
+    add_benchmark_args(parser)
+    results = benchmark(parser.parse_args(['--model', 'vit_deit_tiny_patch16_224', '--target_flops', '0.6',
+                                           '--batch-size', '1', '--rounds', '2', '--runs', '1', '--warmup', '0']))
+    assert list(results) == ['timm', 'uncompressed', 'target 0.6']
+    assert results['timm']['speedup'] == {'median': 1.0, 'min': 1.0, 'max': 1.0, 'q1': 1.0, 'q3': 1.0}
+    assert results['timm']['gflops'] == pytest.approx(results['uncompressed']['gflops'])
+    assert results['target 0.6']['gflops'] == pytest.approx(0.6, abs=0.06)
+    for row in results.values():
+        assert row['speedup']['min'] <= row['speedup']['median'] <= row['speedup']['max']

@@ -6,7 +6,8 @@ tokens). A folded compensator costs nothing; `--unfolded` counts the two adapter
 r_src != r_tgt, as upstream runs them.
 
 Benchmark: ToMe's throughput convention (random input, eval, no grad, warm-up runs thrown away, images/s at a stated
-batch size and dtype), the baseline and r = 8, 13, 16 measured in one run and printed as ratios.
+batch size and dtype): the plain timm model (the r = 0 row) and the same weights ToMe-patched at r = 8, 13, 16, timed
+in alternation in one run; speed-ups over the plain model as the median and range over the rounds.
 """
 import torch
 
@@ -80,13 +81,24 @@ def add_benchmark_args(parser):
     parser.add_argument('--runs', default=None, type=int, help='timed runs (default 40 on a GPU, 6 on the CPU)')
     parser.add_argument('--warmup', default=None, type=int, help='runs thrown away first (default 10 GPU, 2 CPU)')
     parser.add_argument('--threads', default=None, type=int, help='CPU threads (torch.set_num_threads)')
-    parser.add_argument('--rounds', default=3, type=int,
-                        help='rounds over all r values, interleaved; the best round of each counts (a shared '
-                             'machine drifts: interleaving keeps the ratios fair)')
+    parser.add_argument('--rounds', default=5, type=int,
+                        help='interleaved rounds over the plain model and every r; the median round counts and the '
+                             'range is printed (a shared machine drifts: interleaving keeps the ratios fair)')
+
+
+def plain_timm_model(model, name):
+    """The unpatched timm model of `name` (without a `_tocom` suffix) holding `model`'s network weights."""
+    import timm
+    name = name[:-len('_tocom')] if name.endswith('_tocom') else name
+    plain = timm.create_model(name, pretrained=False, num_classes=model.num_classes,
+                              img_size=model.patch_embed.img_size)
+    state = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
+    plain.load_state_dict(state)
+    return plain
 
 
 def benchmark(args):
-    from shared.benchmark import throughput
+    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
     batch = args.batch_size or (64 if gpu else 8)
@@ -96,26 +108,30 @@ def benchmark(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _build(args).eval().to(device)
-    size = model.patch_embed.img_size
-    input_size = (3, *size)
+    plain = plain_timm_model(model, args.model).eval().to(device)
+    x = torch.randn(batch, 3, *model.patch_embed.img_size, device=device)
 
-    settings = [0, *args.r]
-    best = {r: 0.0 for r in settings}
-    for _ in range(max(1, args.rounds)):
-        for r in settings:
+    def with_r(r):
+        def forward(t):
             model.r = r
-            ips = throughput(model, input_size, batch_size=batch, device=device, dtype=dtype, runs=runs,
-                             warmup=warmup)
-            best[r] = max(best[r], ips)
-    rows = [{'r': r, 'gflops': model_gflops(model, r), 'img_per_s': best[r]} for r in settings]
+            return model(t)
+        return forward
+
+    forwards = {0: plain}
+    forwards.update({r: with_r(r) for r in args.r if r != 0})
+    seconds = interleaved_seconds(forwards, x, rounds=max(1, args.rounds), runs=runs, warmup=warmup, dtype=dtype)
+    table = speedup_table(seconds, batch, 0)
+    rows = [{'r': r, 'gflops': model_gflops(model, r), 'img_per_s': table[r]['img_per_s']['median'],
+             'img_per_s_spread': table[r]['img_per_s'], 'speedup': table[r]['speedup']['median'],
+             'speedup_spread': table[r]['speedup']} for r in forwards]
     base = rows[0]
     print(f'ToMe throughput: {args.model}, batch {batch}, {str(dtype).replace("torch.", "")}, {device}, '
-          f'best of {args.rounds} interleaved rounds of {runs} timed runs after {warmup} warm-up runs')
-    print(f'{"r":>4} {"GFLOPs":>8} {"img/s":>10} {"speed-up":>9} {"FLOPs ratio":>12} {"speed-up/FLOPs":>15}')
+          f'{args.rounds} interleaved rounds of {runs} timed runs after {warmup} warm-up runs; r = 0 is the plain '
+          f'timm model; median [min, max] over rounds')
+    print(f'{"r":>4} {"GFLOPs":>8} {"img/s":>24} {"speed-up":>20} {"FLOPs ratio":>12} {"speed-up/FLOPs":>15}')
     for row in rows:
-        row['speedup'] = row['img_per_s'] / base['img_per_s']
         row['flops_ratio'] = base['gflops'] / row['gflops']
         row['efficiency'] = row['speedup'] / row['flops_ratio']
-        print(f'{row["r"]:>4} {row["gflops"]:>8.3f} {row["img_per_s"]:>10.2f} {row["speedup"]:>9.3f} '
-              f'{row["flops_ratio"]:>12.3f} {row["efficiency"]:>15.3f}')
+        print(f'{row["r"]:>4} {row["gflops"]:>8.3f} {format_spread(row["img_per_s_spread"]):>24} '
+              f'{format_spread(row["speedup_spread"], 3):>20} {row["flops_ratio"]:>12.3f} {row["efficiency"]:>15.3f}')
     return {'model': args.model, 'batch_size': batch, 'dtype': str(dtype), 'device': str(device), 'rows': rows}

@@ -3,14 +3,16 @@
 ToE only changes training: from block 1 on, the blocks see 1 + M tokens (M kept patch tokens of the stage). So:
 - flops(): training GFLOPs per image at each stage (shared.flops convention) and their epoch-weighted mean over the
   schedule (the figure it returns);
-- benchmark(): one run timing a full training step (forward + backward + AdamW step) of the model at each stage's
-  token count and at full tokens, the per-stage speed-up next to the FLOPs ratio, the schedule-weighted speed-up,
-  and the TokenSelect call's own time.
+- benchmark(): one run timing a full training step (forward + backward + AdamW step) of the plain timm model and of
+  the same weights under ToE at each stage's token count, in alternation; the per-stage speed-up over the plain model
+  (median and range over rounds) next to the FLOPs ratio, the schedule-weighted speed-up, and the TokenSelect call's
+  own time.
 
     python tools/flops.py --method toe --model deit_small_patch16_224 --expansion-step 0 100 200 --keep-rate 0.5 0.75 1.0
     python tools/benchmark.py --method toe --model deit_small_patch16_224 --batch-size 64 --device cuda
 """
-import time
+import copy
+import statistics
 
 import torch
 
@@ -80,75 +82,111 @@ def add_benchmark_args(parser):
     _add_common(parser)
     parser.add_argument('--batch-size', default=64, type=int)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--runs', default=10, type=int)
-    parser.add_argument('--warmup', default=3, type=int)
+    parser.add_argument('--rounds', default=5, type=int, help='interleaved rounds (median and range are reported)')
+    parser.add_argument('--runs', default=2, type=int, help='training steps of each model per round')
+    parser.add_argument('--warmup', default=2, type=int)
+    parser.add_argument('--threads', default=0, type=int, help='torch CPU threads (0: leave as is)')
     parser.add_argument('--amp', action='store_true', default=None, help='autocast (default: on for CUDA)')
 
 
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, runs, warmup):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(runs):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / runs
+def plain_timm_model(model):
+    """timm's VisionTransformer of the ToE model's architecture holding its weights (no TokenSelect)."""
+    from timm.models.vision_transformer import VisionTransformer
+    from toe.deit.models import VisionTransformerExpansion
+    plain = copy.deepcopy(model)
+    del plain.token_select
+    if isinstance(model, VisionTransformerExpansion):  # a distilled DeiT is timm's own class already
+        plain.__class__ = VisionTransformer
+    return plain
 
 
 def benchmark(args):
     from shared.amp import autocast
+    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     amp = (device.type == 'cuda') if args.amp is None else args.amp
     model = _build(args).to(device).train()
+    plain = plain_timm_model(model).to(device).train()
     sel = model.token_select
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == 'cuda')
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     criterion = torch.nn.CrossEntropyLoss()
 
-    def step():
-        with autocast(device, amp):
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def trainer(net):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == 'cuda')
+
+        def step(images):
+            with torch.enable_grad(), autocast(device, amp):
+                loss = criterion(net(images), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return step
 
     with torch.no_grad(), autocast(device, amp):  # block-0 output: what TokenSelect sees in training
         tokens = model.blocks[0](model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))))
 
+    def select(stage):
+        def run(_):
+            sel.expansion_stage, sel.sparse_inference = stage, True
+            return sel.token_select(tokens)
+        return run
+
     rows = stage_table(model, args.epochs)
+    # one optimizer for ToE's model across its stages, as in training; stages without selection run all tokens
+    toe_step = trainer(model)
+    forwards = {'timm': trainer(plain)}
+    active = {}
+    for stage, *_ in rows:
+        sel.expansion_stage, sel.sparse_inference = stage, True
+        active[stage] = sel.is_active()
+        if active[stage]:
+            forwards[f'stage {stage}'] = _at_stage(toe_step, sel, stage)
+            forwards[f'select {stage}'] = select(stage)
+    forwards['toe all tokens'] = _at_stage(toe_step, sel, None)
+    seconds = interleaved_seconds(forwards, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup)
     sel.sparse_inference = False
-    t_full = _time(step, device, args.runs, args.warmup)
+    table = speedup_table(seconds, args.batch_size, 'timm')
+    median = {name: statistics.median(t) for name, t in seconds.items()}
+    t_full = median['timm']
     full_gflops = model_macs(model) / 1e9
-    print(f'{args.model}, batch {args.batch_size}, {args.input_size}px, {device}, amp={amp}: '
-          f'full-token training step {t_full * 1000:.1f} ms')
-    print('stage  epochs  kept  GFLOPs  step ms  speed-up  FLOPs ratio  speed-up/FLOPs  select ms')
+    print(f'{args.model}, batch {args.batch_size}, {args.input_size}px, {device}, amp={amp}, {torch.get_num_threads()} '
+          f'threads, {args.rounds} interleaved rounds of {args.runs} steps: plain timm training step '
+          f'{t_full * 1000:.1f} ms; ToE with every token {median["toe all tokens"] * 1000:.1f} ms '
+          f'(speed-up {format_spread(table["toe all tokens"]["speedup"], 3)})')
+    print('stage  epochs  kept  GFLOPs  step ms  speed-up [min, max]   FLOPs ratio  speed-up/FLOPs  select ms')
     results = []
     for stage, n_epochs, kept, g in rows:
-        sel.expansion_stage = stage
-        sel.sparse_inference = True
-        active = sel.is_active()
-        t = _time(step, device, args.runs, args.warmup) if active else t_full
-        t_sel = _time(lambda: sel.token_select(tokens), device, args.runs, 1) if active else 0.0
-        speed, ratio = t_full / t, full_gflops / g
+        name = f'stage {stage}' if active[stage] else 'toe all tokens'
+        spread = table[name]['speedup']
+        t = median[name]
+        t_sel = median[f'select {stage}'] if active[stage] else 0.0
+        speed, ratio = spread['median'], full_gflops / g
         results.append(dict(stage=stage, epochs=n_epochs, kept_tokens=kept, gflops=g, step_s=t, speedup=speed,
-                            flops_ratio=ratio, select_s=t_sel))
-        print(f'{stage:5d}  {n_epochs:6d}  {kept:4d}  {g:6.3f}  {t * 1000:7.1f}  {speed:8.3f}  {ratio:11.3f}  '
-              f'{speed / ratio:14.3f}  {t_sel * 1000:9.2f}')
-    sel.sparse_inference = False
+                            speedup_spread=spread, flops_ratio=ratio, select_s=t_sel))
+        print(f'{stage:5d}  {n_epochs:6d}  {kept:4d}  {g:6.3f}  {t * 1000:7.1f}  {format_spread(spread, 3):>19}  '
+              f'{ratio:11.3f}  {speed / ratio:14.3f}  {t_sel * 1000:9.2f}')
     total_epochs = sum(r['epochs'] for r in results)
     weighted_time = sum(r['epochs'] * r['step_s'] for r in results)
     weighted = total_epochs * t_full / weighted_time if weighted_time else 1.0
     weighted_flops = total_epochs * full_gflops / sum(r['epochs'] * r['gflops'] for r in results)
-    print(f'schedule-weighted training speed-up over {args.epochs} epochs: {weighted:.3f}x '
+    print(f'schedule-weighted training speed-up over the plain model, {args.epochs} epochs: {weighted:.3f}x '
           f'(FLOPs: {weighted_flops:.3f}x)')
     return dict(model=args.model, batch_size=args.batch_size, device=str(device), amp=amp, full_step_s=t_full,
-                stages=results, schedule_speedup=weighted, schedule_flops_ratio=weighted_flops)
+                toe_all_tokens_step_s=median['toe all tokens'], stages=results, schedule_speedup=weighted,
+                schedule_flops_ratio=weighted_flops)
+
+
+def _at_stage(step, sel, stage):
+    """`step` with the selector at `stage` (None: selection off, every token)."""
+    def run(images):
+        if stage is None:
+            sel.sparse_inference = False
+        else:
+            sel.expansion_stage, sel.sparse_inference = stage, True
+        return step(images)
+    return run
