@@ -7,14 +7,18 @@
     python tools/benchmark.py --method tavt --config lower --batch_size 64 --device cuda
 
 GFLOPs are multiply-accumulates in the project's convention (shared.flops). The benchmark (our addition: the
-original has none) times the full model and the gene in one run, on random weights unless --pretrained_model is
-given, with the drop-and-restore bookkeeping off (it changes no logit; a deployment build skips it).
+original has none) times the plain timm ViT holding the same weights, TAVT's model with the full gene and with the
+searched gene, in alternation in one run (speed-ups over timm: median and range over rounds), on random weights
+unless --pretrained_model is given, with the drop-and-restore bookkeeping off (it changes no logit; a deployment
+build skips it).
 """
 import ast
 import csv
 import os
+from functools import partial
 
 import torch
+import torch.nn as nn
 
 from tavt.data_utils import DATASETS, num_classes_of
 from tavt.length_drop import sample_length_configuration
@@ -85,13 +89,51 @@ def add_benchmark_args(parser):
     g.add_argument('--batch_size', type=int, default=64)
     g.add_argument('--device', default='cuda')
     g.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
-    g.add_argument('--runs', type=int, default=20)
-    g.add_argument('--warmup', type=int, default=5)
+    g.add_argument('--rounds', type=int, default=5, help='interleaved timing rounds (median and range reported)')
+    g.add_argument('--runs', type=int, default=4, help='forwards of each model per round')
+    g.add_argument('--warmup', type=int, default=2)
+    g.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave as is)')
+
+
+def plain_timm_model(model):
+    """timm's VisionTransformer with the TAVT (ViT-pytorch) model's dimensions and weights: query/key/value joined
+    into qkv. TransFG's overlapping split is a patch convolution of stride `slide_step`, set on timm's patch
+    embedding (whose grid then has the overlapping count)."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    cfg = model.config
+    conv = model.transformer.embeddings.patch_embeddings
+    grid = [(model.img_size - k) // s + 1 for k, s in zip(conv.kernel_size, conv.stride)]
+    plain = TimmViT(img_size=[g * k for g, k in zip(grid, conv.kernel_size)], patch_size=conv.kernel_size[0],
+                    num_classes=model.num_classes, embed_dim=cfg.hidden_size, depth=model.num_layers,
+                    num_heads=cfg.transformer.num_heads, mlp_ratio=cfg.transformer.mlp_dim / cfg.hidden_size,
+                    qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    plain.patch_embed.proj.stride = conv.stride
+    plain.patch_embed.img_size = (model.img_size, model.img_size)
+    src = model.state_dict()
+    state = {'patch_embed.proj.weight': src['transformer.embeddings.patch_embeddings.weight'],
+             'patch_embed.proj.bias': src['transformer.embeddings.patch_embeddings.bias'],
+             'cls_token': src['transformer.embeddings.cls_token'],
+             'pos_embed': src['transformer.embeddings.position_embeddings'],
+             'norm.weight': src['transformer.encoder.encoder_norm.weight'],
+             'norm.bias': src['transformer.encoder.encoder_norm.bias'],
+             'head.weight': src['head.weight'], 'head.bias': src['head.bias']}
+    for i in range(model.num_layers):
+        layer, block = f'transformer.encoder.layer.{i}.', f'blocks.{i}.'
+        for kind in ('weight', 'bias'):
+            state[block + f'attn.qkv.{kind}'] = torch.cat([src[layer + f'attn.{part}.{kind}']
+                                                          for part in ('query', 'key', 'value')])
+            for ours, theirs in (('attn.proj', 'attn.out'), ('norm1', 'attention_norm'), ('norm2', 'ffn_norm'),
+                                 ('mlp.fc1', 'ffn.fc1'), ('mlp.fc2', 'ffn.fc2')):
+                state[block + f'{ours}.{kind}'] = src[layer + f'{theirs}.{kind}']
+    plain.load_state_dict(state)
+    return plain
 
 
 def benchmark(args):
-    from shared.benchmark import throughput
+    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
     from shared.distributed import resolve_device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     model = _model(args)
@@ -101,18 +143,26 @@ def benchmark(args):
     model.transformer.encoder.restore_dropped = False
     gene = parse_gene(args.config, model.num_tokens, model.num_layers, args.row, args.length_drop_ratio_bound)
     model.check_length_config(gene)
-    size = (3, args.img_size, args.img_size)
-    results = {}
-    for label, g in (('full', None), ('gene', gene)):
-        model.set_length_config(g)
-        results[label] = dict(gflops=gene_macs(model, g) / 1e9, img_per_s=throughput(
-            model, size, batch_size=args.batch_size, device=device, dtype=dtype, runs=args.runs,
-            warmup=args.warmup))
+    plain = plain_timm_model(model).eval().to(device)
+    model.eval().to(device)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     model.set_length_config(None)
-    speedup = results['gene']['img_per_s'] / results['full']['img_per_s']
-    print(f"TAVT {args.model_type} @ {args.img_size}px, batch {args.batch_size}, {args.dtype}, {device}")
-    print(f"{'model':<6} {'GFLOPs':>9} {'img/s':>10}")
+    forwards = {'timm': plain, 'full': model}
+    if gene is not None:
+        forwards['gene'] = lambda t: model(t, length_config=gene)
+    seconds = interleaved_seconds(forwards, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup, dtype=dtype)
+    table = speedup_table(seconds, args.batch_size, 'timm')
+    macs = {'timm': gene_macs(model, None) / 1e9, 'full': gene_macs(model, None) / 1e9,
+            'gene': gene_macs(model, gene) / 1e9}
+    results = {label: dict(gflops=macs[label], img_per_s=row['img_per_s']['median'],
+                           img_per_s_spread=row['img_per_s'], speedup=row['speedup']['median'],
+                           speedup_spread=row['speedup']) for label, row in table.items()}
+    print(f"TAVT {args.model_type} @ {args.img_size}px, batch {args.batch_size}, {args.dtype}, {device}, "
+          f"{args.rounds} interleaved rounds of {args.runs} forwards; median [min, max] over rounds")
+    print(f"{'model':<6} {'GFLOPs':>9} {'img/s':>26} {'speed-up vs timm':>20}")
     for label, r in results.items():
-        print(f"{label:<6} {r['gflops']:>9.3f} {r['img_per_s']:>10.1f}")
-    print(f"gene {gene}: speed-up x{speedup:.2f}, FLOPs ratio x{results['full']['gflops'] / results['gene']['gflops']:.2f}")
-    return dict(gene=gene, full=results['full'], tavt=results['gene'], speedup=speedup)
+        print(f"{label:<6} {r['gflops']:>9.3f} {format_spread(r['img_per_s_spread'], 1):>26} "
+              f"{format_spread(r['speedup_spread']):>20}")
+    tavt = results.get('gene', results['full'])
+    print(f"gene {gene}: speed-up over timm x{tavt['speedup']:.2f}, FLOPs ratio x{macs['timm'] / tavt['gflops']:.2f}")
+    return dict(gene=gene, timm=results['timm'], full=results['full'], tavt=tavt, speedup=tavt['speedup'])
