@@ -59,12 +59,15 @@ class NativeScaler:
         self._scaler.update()
         return norm
 
+    # Checkpoints keep the GradScaler's own state (scale, growth tracker) under `state_dict_key`.
     def state_dict(self):
         return self._scaler.state_dict()
 
-    def load_state_dict(self, state_dict):
-        self._scaler.load_state_dict(state_dict)
+    def load_state_dict(self, state):
+        """Restore what `state_dict` returned (a checkpoint's `state_dict_key` entry)."""
+        self._scaler.load_state_dict(state)
 
 
 def build_loss_scaler(args, device):
+    """The loss scaler for this run: scaling only under CUDA autocast (see `amp_enabled`)."""
     return NativeScaler(device, enabled=amp_enabled(args, device))

@@ -1,51 +1,37 @@
-"""DeiT's repeated-augmentation sampler."""
+"""Repeated-augmentation sampling (`--repeated-aug`) on timm's `RepeatAugSampler`.
+
+timm's sampler already draws what our training runs have always drawn: per epoch a `randperm` seeded with the epoch
+number (or `arange` without shuffling), each index repeated `num_repeats` times in a row, the list wrapped around to a
+multiple of the world size, every `world_size`-th entry from `rank` on, cut to a per-rank count of
+`floor(len(dataset) // 256 * 256 / world_size)`, or `ceil(len(dataset) / world_size)` below 256 images.
+
+`RASampler` adds two things and changes nothing else:
+- outside torch.distributed it samples for a world of one (timm's would ask torch.distributed and fail);
+- where the 256-image rounding leaves nothing for a rank (a world larger than `len(dataset) // 256 * 256`), each rank
+  still gets `ceil(len(dataset) / world_size)` images rather than an empty epoch.
+"""
 import math
 
-import torch
 import torch.distributed as dist
+from timm.data.distributed_sampler import RepeatAugSampler
 
 
-class RASampler(torch.utils.data.Sampler):
-    """Each sample appears `num_repeats` times across the ranks (with different augmentations); each rank then
-    iterates over the first len(dataset) // 256 * 256 / world_size of its share, as DeiT does."""
+def _default_world():
+    """(world size, rank) of the initialised process group, else a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class RASampler(RepeatAugSampler):
+    """Each image is drawn `num_repeats` times per epoch, the copies going to different ranks (and so receiving
+    different augmentations). Call `set_epoch` before each epoch."""
 
     def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, num_repeats=3):
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_initialized() else 0
         if num_repeats < 1:
-            raise ValueError('num_repeats should be greater than 0')
-        self.dataset = dataset
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.num_repeats = num_repeats
-        self.epoch = 0
-        self.num_samples = int(math.ceil(len(dataset) * num_repeats / num_replicas))
-        self.total_size = self.num_samples * num_replicas
-        # DeiT keeps a multiple of 256 images per epoch; tiny data sets keep at least one batch-worth.
-        self.num_selected_samples = int(math.floor(len(dataset) // 256 * 256 / num_replicas)) or \
-            int(math.ceil(len(dataset) / num_replicas))
-        self.shuffle = shuffle
-
-    def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.epoch)
-            indices = torch.randperm(len(self.dataset), generator=g)
-        else:
-            indices = torch.arange(len(self.dataset))
-        indices = torch.repeat_interleave(indices, repeats=self.num_repeats, dim=0).tolist()
-        padding = self.total_size - len(indices)
-        if padding > 0:
-            indices += indices[:padding]
-        assert len(indices) == self.total_size
-        indices = indices[self.rank:self.total_size:self.num_replicas]
-        assert len(indices) == self.num_samples
-        return iter(indices[:self.num_selected_samples])
-
-    def __len__(self):
-        return self.num_selected_samples
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+            raise ValueError(f'num_repeats must be at least 1, got {num_repeats}')
+        world_size, own_rank = _default_world()
+        super().__init__(dataset, num_replicas=world_size if num_replicas is None else num_replicas,
+                         rank=own_rank if rank is None else rank, shuffle=shuffle, num_repeats=num_repeats)
+        if self.num_selected_samples == 0:
+            self.num_selected_samples = math.ceil(len(dataset) / self.num_replicas)

@@ -119,3 +119,84 @@ def test_randaugment_posterize_at_zero_bits_gives_black_image():
     op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # 4 - int(10/10*4) = 0 bits
     assert np.asarray(op(img)).max() == 0
     assert np.asarray(auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=0)(img)).max() == 192
+
+
+def test_log_every_prints_the_progress_line_format(monkeypatch, capsys):
+    import time
+    clock = iter(1000.0 + 0.25 * k for k in range(100))  # every clock read advances a quarter second
+    monkeypatch.setattr(time, 'time', lambda: next(clock))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    ml = MetricLogger(delimiter='  ')
+    ml.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    for step in ml.log_every(range(12), 10, 'Epoch: [3]'):
+        ml.update(loss=torch.tensor(1.0 / (step + 1)), lr=1e-3 * (step + 1), unused=None)
+        ml.meters['acc1'].update(50.0 + step, n=3)
+    assert capsys.readouterr().out.splitlines() == [
+        'Epoch: [3]  [ 0/12]  eta: 0:00:06  lr: 0.001000  loss: 1.0000 (1.0000)  acc1: 50.0000 (50.0000)  '
+        'time: 0.5000  data: 0.2500',
+        'Epoch: [3]  [10/12]  eta: 0:00:01  lr: 0.011000  loss: 0.1667 (0.2745)  acc1: 55.0000 (55.0000)  '
+        'time: 0.5000  data: 0.2500',
+        'Epoch: [3]  [11/12]  eta: 0:00:00  lr: 0.012000  loss: 0.1429 (0.2586)  acc1: 55.0000 (55.5000)  '
+        'time: 0.5000  data: 0.2500',
+        'Epoch: [3] Total time: 0:00:09 (0.7708 s / it)']
+    # median of the 12 losses is torch's lower median (1/7), the mean over the window is a float32 mean
+    assert ml.loss.median == pytest.approx(1 / 7) and ml.acc1.global_avg == pytest.approx(55.5)
+    assert 'unused' not in ml.meters
+
+
+def test_smoothed_value_window_and_weighted_totals():
+    v = SmoothedValue(window_size=3, fmt='{median:.2f} {avg:.2f} {global_avg:.2f} {max:.2f} {value:.2f}')
+    for x, n in ((1.0, 1), (8.0, 2), (2.0, 1), (4.0, 4)):
+        v.update(x, n=n)
+    assert str(v) == '4.00 4.67 4.38 8.00 4.00'  # window [8, 2, 4]; global (1 + 16 + 2 + 16) / 8
+    assert (v.count, v.total) == (8, 35.0)
+    assert str(SmoothedValue(fmt='{global_avg:.1f}')) == '0.0'  # an empty meter prints what its format needs
+
+
+def _sync_worker(rank, init_file, results):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        ml = MetricLogger()
+        for x in range(rank + 1):  # rank 0: [10]; rank 1: [10, 11]
+            ml.meters['acc1'].update(10.0 + x, n=2)
+        ml.synchronize_between_processes()
+        results[rank] = (ml.acc1.count, ml.acc1.total, ml.acc1.global_avg, list(ml.acc1.window))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synchronize_between_processes_sums_count_and_total(tmp_path):
+    import torch.multiprocessing as mp
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sync_worker, args=(str(tmp_path / 'init'), results), nprocs=2)
+        results = dict(results)
+    assert results[0][:3] == results[1][:3] == (6, 62.0, 62.0 / 6)
+    assert results[0][3] == [10.0] and results[1][3] == [10.0, 11.0]  # windows stay per rank
+
+
+def test_distillation_loss_against_direct_formulas():
+    from shared.losses import DistillationLoss
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.nn.Linear(6, 5)
+    x, y = torch.randn(4, 6, generator=g), torch.randint(0, 5, (4,), generator=g)
+    cls_out, dist_out = torch.randn(4, 5, generator=g) * 2, torch.randn(4, 5, generator=g) * 2
+    ce = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        t = teacher(x)
+    base = ce(cls_out, y)
+    # KL(teacher || student) at temperature 2, summed and divided by the 20 logits, times 4
+    p_t, log_p_s = (t / 2).softmax(1), (dist_out / 2).log_softmax(1)
+    soft = (p_t * (p_t.log() - log_p_s)).sum() / 20 * 4
+    hard = torch.nn.functional.cross_entropy(dist_out, t.argmax(1))
+    assert torch.equal(DistillationLoss(ce, teacher, 'none', 0.3, 2.0)(x, (cls_out, dist_out), y), base)
+    torch.testing.assert_close(DistillationLoss(ce, teacher, 'soft', 0.3, 2.0)(x, (cls_out, dist_out), y),
+                               0.7 * base + 0.3 * soft)
+    torch.testing.assert_close(DistillationLoss(ce, teacher, 'hard', 0.3, 2.0)(x, (cls_out, dist_out), y),
+                               0.7 * base + 0.3 * hard)
+    # a single output tensor is both the class and the distillation head
+    torch.testing.assert_close(DistillationLoss(ce, teacher, 'hard', 0.5, 1.0)(x, cls_out, y),
+                               0.5 * base + 0.5 * torch.nn.functional.cross_entropy(cls_out, t.argmax(1)))
+    with pytest.raises(ValueError, match='distillation type'):
+        DistillationLoss(ce, teacher, 'medium', 0.5, 1.0)
