@@ -42,13 +42,55 @@ def _pil_rgb(array_hwc):
 # ImageNet-style folders
 
 
-def image_folder(root, transform=None):
-    """torchvision ImageFolder with a layout error instead of torchvision's bare FileNotFoundError."""
+def folder_classes(root):
+    """Class-to-index map of an ImageFolder-style split: its sub-folder names, sorted, numbered from 0."""
     _require(root, 'image folder')
     try:
-        return datasets.ImageFolder(root, transform=transform)
+        return datasets.folder.find_classes(root)[1]
     except FileNotFoundError as e:
         raise DatasetLayoutError(f'{root}: expected one sub-folder of images per class ({e})') from None
+
+
+class _FolderWithClassMap(datasets.ImageFolder):
+    """ImageFolder labelled by a given class-to-index map instead of by its own sub-folders."""
+
+    def __init__(self, root, class_to_idx, transform=None):
+        self._given_class_to_idx = dict(class_to_idx)
+        # allow_empty: a split may lack some of the map's classes (a validation subset); present ones are checked below
+        super().__init__(root, transform=transform, allow_empty=True)
+
+    def find_classes(self, directory):
+        return sorted(self._given_class_to_idx, key=self._given_class_to_idx.get), self._given_class_to_idx
+
+
+def image_folder(root, transform=None, train_root=None):
+    """torchvision ImageFolder of `root`, with DatasetLayoutError instead of torchvision's bare FileNotFoundError.
+
+    With `train_root` (for a validation split) the labels are the training split's class indices: a class
+    missing from `root` keeps the other classes' indices (one line says which are missing), and a class that the
+    training split does not have is an error. Numbering `root`'s own sub-folders instead would shift every label
+    after a missing class."""
+    own = folder_classes(root)
+    if train_root is None:
+        try:
+            return datasets.ImageFolder(root, transform=transform)
+        except FileNotFoundError as e:
+            raise DatasetLayoutError(f'{root}: expected images in every class sub-folder ({e})') from None
+    train = folder_classes(train_root)
+    unknown = sorted(set(own) - set(train))
+    if unknown:
+        raise DatasetLayoutError(f'{root}: class folder(s) {", ".join(unknown)} not among the {len(train)} classes '
+                                 f'of the training split {train_root}')
+    missing = sorted(set(train) - set(own))
+    if missing:
+        print(f'{root}: no folder for {len(missing)} of the {len(train)} training classes '
+              f'({", ".join(missing[:10])}{", ..." if len(missing) > 10 else ""}); '
+              'evaluating with the training class indices')
+    dataset = _FolderWithClassMap(root, train, transform=transform)
+    empty = sorted(set(own) - {dataset.classes[t] for t in dataset.targets})
+    if empty:
+        raise DatasetLayoutError(f'{root}: no images in class folder(s) {", ".join(empty)}')
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,10 +172,8 @@ class _ImageList(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        img = self.loader(path)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
+        image = self.loader(path)
+        return (image if self.transform is None else self.transform(image)), target
 
 
 class INatDataset(_ImageList):
@@ -462,6 +502,19 @@ def build_transform(is_train, args):
 # The dispatcher
 
 
+def imagenet_split(root, is_train, transform=None):
+    """`<root>/train` or `<root>/val` as an ImageFolder; validation takes the class indices of `<root>/train` when
+    it exists (an evaluation-only copy with just `val/` numbers its own folders, as the model's head must then)."""
+    train_root = os.path.join(root, 'train')
+    if is_train:
+        return image_folder(train_root, transform)
+    val_root = os.path.join(root, 'val')
+    if not os.path.isdir(train_root):
+        print(f'{train_root} not found: labelling {val_root} by its own sorted class folders')
+        return image_folder(val_root, transform)
+    return image_folder(val_root, transform, train_root=train_root)
+
+
 def _inat_year(name):
     return {'INAT': 2018, 'INAT18': 2018, 'INAT19': 2019}[name]
 
@@ -484,7 +537,7 @@ def build_dataset(is_train, args, transform=None):
     if not root or not os.path.isdir(root):
         raise DatasetLayoutError(f'--data-path {root!r} for data set {args.data_set} is not a directory')
     if name == 'IMNET':
-        dataset = image_folder(os.path.join(root, 'train' if is_train else 'val'), transform)
+        dataset = imagenet_split(root, is_train, transform)
         return dataset, 1000 if len(dataset.classes) <= 1000 else len(dataset.classes)
     if name in ('CIFAR', 'CIFAR100'):
         dataset = CIFAR(root, is_train, transform, num_classes=100)
@@ -514,38 +567,39 @@ DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CUB', 'CARS', 'DOGS', 'FLOWERS', 'NAB
 # Loaders
 
 
+def build_samplers(args, dataset_train, dataset_val, always_distributed=False):
+    """(training sampler, evaluation sampler).
+
+    One process: a fresh random order for training, file order for evaluation. Several processes (or
+    `always_distributed`): training is shared out over the ranks, each image `num_repeats` times under
+    --repeated-aug; evaluation is shared out only under --dist-eval, otherwise each rank evaluates everything."""
+    import shared.distributed as distributed
+    from shared.samplers import RASampler
+
+    if not (getattr(args, 'distributed', False) or always_distributed):
+        return torch.utils.data.RandomSampler(dataset_train), torch.utils.data.SequentialSampler(dataset_val)
+    world = dict(num_replicas=distributed.get_world_size(), rank=distributed.get_rank())
+    train_sampler_cls = RASampler if getattr(args, 'repeated_aug', False) else torch.utils.data.DistributedSampler
+    sampler_train = train_sampler_cls(dataset_train, shuffle=True, **world)
+    if not getattr(args, 'dist_eval', False):
+        return sampler_train, torch.utils.data.SequentialSampler(dataset_val)
+    # DistributedSampler pads every rank to the same count by repeating images from the start.
+    repeated = -len(dataset_val) % world['num_replicas']
+    if repeated:
+        print(f"--dist-eval: {len(dataset_val)} evaluation images do not divide among {world['num_replicas']} "
+              f'processes, so {repeated} of them are evaluated twice and the metrics move slightly')
+    return sampler_train, torch.utils.data.DistributedSampler(dataset_val, shuffle=False, **world)
+
+
 def build_loaders(args, dataset_train, dataset_val, eval_batch_size=None, samplers_always_distributed=False,
                   drop_last=True, persistent_workers=False):
-    """DeiT's samplers and loaders: distributed -> RASampler (repeated augmentation) or DistributedSampler for
-    training, DistributedSampler for evaluation only with --dist-eval; single process -> Random / Sequential.
-    Evaluation batches are 1.5x the training batch; training drops the last incomplete batch.
+    """Training and evaluation DataLoaders over `build_samplers`' samplers. Evaluation batches are 1.5x the training batch; training drops the last incomplete batch.
 
     The originals built on older DeiT copies differ in details that change numbers, selectable here:
     `eval_batch_size` (A-ViT and DiffRate evaluate at the training batch size), `samplers_always_distributed` (they
     use the distributed samplers even as a world of one), `drop_last` (A-ViT keeps the last batch),
     `persistent_workers` (DiffRate's MultiEpochsDataLoader keeps its workers between epochs)."""
-    from shared.distributed import get_rank, get_world_size
-    from shared.samplers import RASampler
-
-    if getattr(args, 'distributed', False) or samplers_always_distributed:
-        num_tasks, global_rank = get_world_size(), get_rank()
-        if getattr(args, 'repeated_aug', False):
-            sampler_train = RASampler(dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True)
-        else:
-            sampler_train = torch.utils.data.DistributedSampler(
-                dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True)
-        if getattr(args, 'dist_eval', False):
-            if len(dataset_val) % num_tasks != 0:
-                print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
-                      'This will slightly alter validation results as extra duplicate entries are added to achieve '
-                      'equal num of samples per-process.')
-            sampler_val = torch.utils.data.DistributedSampler(
-                dataset_val, num_replicas=num_tasks, rank=global_rank, shuffle=False)
-        else:
-            sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    else:
-        sampler_train = torch.utils.data.RandomSampler(dataset_train)
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    sampler_train, sampler_val = build_samplers(args, dataset_train, dataset_val, samplers_always_distributed)
 
     num_workers = getattr(args, 'num_workers', 0)
     # Pinned memory only helps (and only works without a warning) when a GPU is there.

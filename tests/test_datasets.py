@@ -81,6 +81,48 @@ def test_imagenet_folders(tmp_path):
     assert train[5][1] == 1
 
 
+def _class_folders(root, split_classes):
+    """split name -> class names; two images per class, the first pixel value encoding the class."""
+    for split, classes in split_classes.items():
+        for c in classes:
+            for i in range(2):
+                write_jpg(str(root / split / c / f'{i}.JPEG'), color=(40 * (ord(c) - ord('a')), 0, 0), size=(4, 4))
+    return make_args(data_set='IMNET', data_path=str(root), input_size=8)
+
+
+def test_imagenet_val_uses_the_training_class_indices(tmp_path, capsys):
+    args = _class_folders(tmp_path, {'train': 'abc', 'val': 'ac'})
+    train, nb_train = build_dataset(True, args)
+    capsys.readouterr()
+    val, nb_val = build_dataset(False, args)
+    assert 'no folder for 1 of the 3 training classes (b)' in capsys.readouterr().out
+    labels = {os.path.basename(os.path.dirname(p)): t for p, t in val.samples}
+    assert labels == {'a': 0, 'c': 2} == {c: train.class_to_idx[c] for c in 'ac'}  # c keeps index 2, not 1
+    assert val.classes == ['a', 'b', 'c'] and nb_val == nb_train == 1000 and len(val) == 4
+    assert sorted(t for _, t in val.samples) == [0, 0, 2, 2]
+
+
+def test_imagenet_val_class_unknown_to_training_stops(tmp_path):
+    args = _class_folders(tmp_path, {'train': 'abc', 'val': 'abcd'})
+    with pytest.raises(DatasetLayoutError, match=r'class folder\(s\) d not among the 3 classes'):
+        build_dataset(False, args)
+    assert len(build_dataset(True, args)[0]) == 6  # the training split alone is unaffected
+
+
+def test_imagenet_val_complete_or_without_train_split(tmp_path, capsys):
+    args = _class_folders(tmp_path / 'full', {'train': 'abc', 'val': 'abc'})
+    val, _ = build_dataset(False, args)
+    assert [t for _, t in val.samples] == [0, 0, 1, 1, 2, 2] and capsys.readouterr().out == ''
+    args = _class_folders(tmp_path / 'evalonly', {'val': 'ac'})
+    val, _ = build_dataset(False, args)  # nothing to align with: val's own folders, and a line saying so
+    assert [t for _, t in val.samples] == [0, 0, 1, 1] and 'train not found' in capsys.readouterr().out
+    (tmp_path / 'full' / 'val' / 'e').mkdir()
+    (tmp_path / 'full' / 'train' / 'e').mkdir()
+    write_jpg(str(tmp_path / 'full' / 'train' / 'e' / '0.JPEG'))
+    with pytest.raises(DatasetLayoutError, match=r'no images in class folder\(s\) e'):
+        build_dataset(False, make_args(data_set='IMNET', data_path=str(tmp_path / 'full'), input_size=8))
+
+
 def _write_pickle(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'wb') as f:
