@@ -147,7 +147,8 @@ def test_init_distributed_mode_under_srun(procid, monkeypatch):
     import warnings
     import shared.distributed as sd
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, '')  # recorded, so that what init_distributed_mode sets is undone afterwards
+        monkeypatch.delenv(key)
     for key, value in slurm_task_env(procid).items():
         monkeypatch.setenv(key, value)
     calls = []

@@ -80,7 +80,8 @@ def test_job_sets_the_distributed_variables_of_its_task(monkeypatch):
     import submitit
     from tools.submit import ScriptJob
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, '')  # recorded, so that what the job sets is undone afterwards
+        monkeypatch.delenv(key)
     monkeypatch.setattr(submitit, 'JobEnvironment', FakeJobEnvironment)
     ScriptJob('tocom/main.py', [], '.')._set_dist_env()
     got = {k: os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
@@ -90,7 +91,7 @@ def test_job_sets_the_distributed_variables_of_its_task(monkeypatch):
     FakeJobEnvironment.num_tasks = 1  # one task: left to run as a plain `python script`
     try:
         for key in got:
-            monkeypatch.delenv(key)
+            del os.environ[key]
         ScriptJob('tocom/main.py', [], '.')._set_dist_env()
         assert not any(key in os.environ for key in got)
     finally:

@@ -177,18 +177,14 @@ def prepare(argv):
 def build_executor(args, submitit):
     executor = submitit.AutoExecutor(folder=os.path.join(args.job_dir, 'submitit', '%j'), cluster=args.cluster,
                                      slurm_max_num_timeout=30)
-    kwargs = {}
-    if args.partition:
-        kwargs['slurm_partition'] = args.partition
-    if args.use_volta32:
-        kwargs['slurm_constraint'] = 'volta32gb'
-    if args.comment:
-        kwargs['slurm_comment'] = args.comment
+    # SLURM-only settings, passed when given (the local executor ignores slurm_-prefixed ones)
+    slurm_settings = {'slurm_partition': args.partition, 'slurm_comment': args.comment,
+                      'slurm_constraint': 'volta32gb' if args.use_volta32 else None}
     gpus = args.ngpus if executor.cluster == 'slurm' else _local_gpus(args.ngpus)
     executor.update_parameters(
         name=os.path.splitext(os.path.basename(args.script))[0], nodes=args.nodes, tasks_per_node=args.ngpus,
         gpus_per_node=gpus, cpus_per_task=args.cpus_per_task, mem_gb=40 * args.ngpus, timeout_min=args.timeout,
-        slurm_signal_delay_s=120, **kwargs)
+        slurm_signal_delay_s=120, **{key: value for key, value in slurm_settings.items() if value})
     return executor
 
 
