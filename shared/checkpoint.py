@@ -9,14 +9,17 @@ import argparse
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 
 import numpy as np
 import torch
 
+from shared.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used (missing, truncated, unsafe, wrong format)."""
 
 
@@ -72,12 +75,12 @@ def safe_load(path, map_location='cpu'):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         names = _unsafe_globals(path)
-        what = ', '.join(names) if names else str(e).split('\n')[-1].strip() or str(e)
         if 'Unsupported' in str(e) or 'global' in str(e).lower() or names:
+            what = ', '.join(names) if names else 'Python objects other than tensors'
             raise UnsafeCheckpointError(
-                f'{path}: refused to load: the file refers to {what}, which is not a tensor nor one of the allowed '
-                'harmless types (argparse.Namespace, numpy scalars/arrays/dtypes); it was not unpickled. '
-                'Only load it with torch.load(weights_only=False) if you trust its source.') from None
+                f'{path}: refused to load: the file holds {what}, which loading would execute; it was not unpickled '
+                '(only tensors, containers, argparse.Namespace and numpy values are read). Convert it where you trust '
+                'its source, e.g. torch.save({"model": state_dict}, ...)') from None
         raise CheckpointError(f'{path}: not a readable torch checkpoint ({e})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         size = os.path.getsize(path)
@@ -85,16 +88,16 @@ def safe_load(path, map_location='cpu'):
                               f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
 
 
-def atomic_save(obj, path):
-    """torch.save into a temporary file in the same folder, then os.replace: a crash while saving leaves the
-    previous file intact (rename within one file system is atomic)."""
+def _atomic_write(path, write):
+    """write(f) into `.<name>.<random>.tmp` beside `path`, then os.replace: a crash while writing leaves the
+    previous file intact (rename within one file system is atomic), and the next run's RunDir removes the leftover."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -104,8 +107,53 @@ def atomic_save(obj, path):
         raise
 
 
+def atomic_save(obj, path):
+    """torch.save, atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text, path):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_copy(src, dst):
+    """Copy a file so that `dst` is either its old self or a complete copy, never a truncated one."""
+    def copy(f):
+        with open(src, 'rb') as s:
+            shutil.copyfileobj(s, f, 1 << 20)
+    _atomic_write(dst, copy)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RNG states (so that a resumed run draws the same augmentations, mixup and sampler orders as an uninterrupted one)
+
+
+# Random streams of a method's own (ToCom's (r_tgt, r_src) pair draws, ...): registered once by the entry script,
+# saved with each rank's global RNG states and restored with them.
+_RANDOM_STREAMS = {}
+
+
+def register_random_stream(name, rng):
+    """Save and restore `rng` (a random.Random, numpy Generator or torch.Generator) with every checkpoint."""
+    _RANDOM_STREAMS[name] = rng
+    return rng
+
+
+def _stream_state(rng):
+    if isinstance(rng, random.Random):
+        return rng.getstate()
+    if isinstance(rng, torch.Generator):
+        return rng.get_state()
+    return rng.bit_generator.state  # numpy Generator: a dict of ints and strings
+
+
+def _set_stream_state(rng, state):
+    if isinstance(rng, random.Random):
+        rng.setstate(_tuplify(state))
+    elif isinstance(rng, torch.Generator):
+        rng.set_state(state)
+    else:
+        rng.bit_generator.state = state
 
 
 def rng_state():
@@ -119,6 +167,8 @@ def rng_state():
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state_all()
+    if _RANDOM_STREAMS:
+        state['streams'] = {name: _stream_state(rng) for name, rng in _RANDOM_STREAMS.items()}
     return state
 
 
@@ -131,6 +181,9 @@ def set_rng_state(state):
         cuda_states = state['cuda']
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+    for stream, stream_state in state.get('streams', {}).items():
+        if stream in _RANDOM_STREAMS:
+            _set_stream_state(_RANDOM_STREAMS[stream], stream_state)
 
 
 def _tuplify(x):
@@ -162,7 +215,8 @@ def ema_module(model_ema):
 def save_checkpoint(path, *, model, optimizer=None, lr_scheduler=None, epoch=None, loss_scaler=None, model_ema=None,
                     args=None, all_ranks=True, **extra):
     """Write DeiT's checkpoint dict (model, optimizer, lr_scheduler, epoch, model_ema, scaler, args) plus every
-    rank's RNG state (key `rng`, a list indexed by rank) and any `extra` entries.
+    rank's RNG state (key `rng`, a list indexed by rank) and any `extra` entries. `model` is a module or the state
+    dict to store (e.g. only the trainable weights).
 
     Call it on EVERY rank: the RNG states are gathered collectively (calling it on rank 0 alone would wait forever);
     only rank 0 writes, atomically. From code that runs on rank 0 only, pass all_ranks=False: then only rank 0's
@@ -171,7 +225,7 @@ def save_checkpoint(path, *, model, optimizer=None, lr_scheduler=None, epoch=Non
     states = _all_rank_rng_states() if all_ranks else [rng_state()]
     if not is_main_process():
         return
-    obj = {'model': unwrap_model(model).state_dict()}
+    obj = {'model': model if isinstance(model, dict) else unwrap_model(model).state_dict()}
     if optimizer is not None:
         obj['optimizer'] = optimizer.state_dict()
     if lr_scheduler is not None:
@@ -204,12 +258,30 @@ def auto_resume(args, filename='checkpoint.pth'):
 def resume(args, model, optimizer=None, lr_scheduler=None, loss_scaler=None, model_ema=None):
     """DeiT's `--resume`: load the model strictly; unless --eval, also the optimizer, scheduler, epoch (training
     continues at epoch + 1), EMA and loss scaler, then this rank's RNG state. Returns args.start_epoch."""
+    load_training_state(args, model, optimizer, lr_scheduler, loss_scaler, model_ema)
+    return getattr(args, 'start_epoch', 0)
+
+
+def load_training_state(args, model, optimizer=None, lr_scheduler=None, loss_scaler=None, model_ema=None,
+                        trainable_only=False):
+    """The body of `resume`; returns the loaded checkpoint dict (None without --resume) so that the caller can read
+    its own fields. trainable_only: the checkpoint holds only the parameters that require grad (ToCom's
+    compensator); they must all be there, the frozen rest comes from the model as built."""
     from shared.distributed import get_rank, get_world_size, unwrap_model
     if not getattr(args, 'resume', ''):
-        return getattr(args, 'start_epoch', 0)
+        return None
     checkpoint = safe_load(args.resume)
     state_dict = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
-    load_weights(unwrap_model(model), state_dict, strict=True, source=args.resume)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f'{args.resume}: not a checkpoint (it holds a {type(state_dict).__name__}, not a dict of '
+                              'tensors)')
+    bare = unwrap_model(model)
+    if trainable_only:
+        missing = sorted(n for n, p in bare.named_parameters() if p.requires_grad and n not in state_dict)
+        if missing:
+            raise CheckpointMismatchError(f'--resume {args.resume} lacks trainable weights of the model: '
+                                          f'{_short(missing)}')
+    load_weights(bare, state_dict, strict=not trainable_only, source=args.resume)
     if (not getattr(args, 'eval', False) and optimizer is not None and lr_scheduler is not None
             and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch'))):
         optimizer.load_state_dict(checkpoint['optimizer'])
@@ -231,7 +303,7 @@ def resume(args, model, optimizer=None, lr_scheduler=None, loss_scaler=None, mod
                 print(f'| {args.resume} was written by {len(states)} processes, this run has {get_world_size()}: '
                       'RNG states not restored (augmentations will differ from an uninterrupted run)')
         print(f"| resumed from {args.resume}: epoch {checkpoint['epoch']} done, starting epoch {args.start_epoch}")
-    return getattr(args, 'start_epoch', 0)
+    return checkpoint
 
 
 def load_weights(model, state_dict, strict=True, source='state dict'):

@@ -1,9 +1,7 @@
 """DeiT's engine: one training epoch, evaluation, and the set-up every DeiT-style entry script repeats
 (linear lr scaling, optimizer, scheduler, loss scaler, mixup, criterion, epoch logs)."""
 import json
-import math
 import os
-import sys
 
 import torch
 from timm.data import Mixup
@@ -16,6 +14,7 @@ from shared.amp import autocast, build_loss_scaler
 from shared.distributed import get_world_size, is_main_process
 from shared.losses import DistillationLoss
 from shared.metrics import MetricLogger, SmoothedValue
+from shared.trainer import check_finite_loss
 
 
 def scale_lr(args):
@@ -97,9 +96,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         with autocast(device, amp):
             loss, extra = loss_fn(model, samples, targets)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            print(f'Loss is {loss_value}, stopping training')
-            sys.exit(1)
+        check_finite_loss(loss_value, epoch)
         optimizer.zero_grad()
         is_second_order = getattr(optimizer, 'is_second_order', False)
         loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(), create_graph=is_second_order)

@@ -13,10 +13,8 @@ where the embedded default needs it (model, data set, input size, epochs, batch 
         --reprob .25 --drop-path .1 --model-ema --output_dir output/deit_s
 A run restarted with the same --output_dir continues from its checkpoint (--no-auto-resume to start over).
 """
-import datetime
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -26,12 +24,14 @@ import torch  # noqa: E402
 
 from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
-from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint  # noqa: E402
-from shared.datasets import DatasetLayoutError, build_dataset, build_loaders  # noqa: E402
-from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp  # noqa: E402
+from shared.checkpoint import load_finetune  # noqa: E402
+from shared.datasets import build_dataset, build_loaders  # noqa: E402
+from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp  # noqa: E402
 from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_model_ema,  # noqa: E402
-                           build_optimization, evaluate, log_epoch, train_one_epoch)
+                           build_optimization, evaluate, train_one_epoch)
+from shared.errors import run_cli  # noqa: E402
 from shared.models import create_model  # noqa: E402
+from shared.trainer import Trainer  # noqa: E402
 
 # The embedded default: what DeiT's defaults become so that `python tools/train_baseline.py` runs end to end in
 # about a minute on two idle CPU cores (~45 CPU-seconds per epoch: 45 MMACs per image forward). Two epochs only
@@ -77,64 +77,32 @@ def main(args):
 
     optimizer, loss_scaler, lr_scheduler = build_optimization(args, model_without_ddp, device)
     criterion = build_criterion(args, mixup_fn)
+    tb_logger = TensorboardLogger(args.output_dir) if not args.eval else None
 
-    auto_resume(args)
-    resume(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema)
+    def train_epoch(epoch):
+        return train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                               args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode, amp=amp,
+                               bce_loss=args.bce_loss, print_freq=args.print_freq, tb_logger=tb_logger)
 
+    def evaluate_epoch(epoch):
+        stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
+        if tb_logger is not None:
+            tb_logger.log(stats, epoch, prefix='test')
+        return stats
+
+    trainer = Trainer(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, train_loader=data_loader_train,
+                      train_epoch=train_epoch, evaluate=evaluate_epoch, model_ema=model_ema,
+                      n_parameters=n_parameters, tb_logger=tb_logger, val_images=len(dataset_val))
+    trainer.resume()
     if args.eval or args.start_epoch >= args.epochs:
         if args.start_epoch >= args.epochs and not args.eval:
             print(f'Training already finished ({args.epochs} epochs in {args.resume}); evaluating it')
         test_stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return test_stats
-
-    tb_logger = TensorboardLogger(args.output_dir)
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    max_accuracy = 0.0
-    test_stats = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            data_loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
-            mixup_fn, set_training_mode=args.train_mode, amp=amp, bce_loss=args.bce_loss,
-            print_freq=args.print_freq, tb_logger=tb_logger)
-        lr_scheduler.step(epoch)
-
-        test_stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        tb_logger.log(test_stats, epoch, prefix='test')
-        improved = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        print(f'Max accuracy: {max_accuracy:.2f}%')
-
-        # Saved after evaluation (DeiT saves before): the RNG states stored are then exactly those the next
-        # epoch starts from, so a resumed run continues as if never stopped. Every rank calls it (RNG gather).
-        if args.output_dir:
-            common = dict(model=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, epoch=epoch,
-                          loss_scaler=loss_scaler, model_ema=model_ema, args=args, max_accuracy=max_accuracy)
-            save_checkpoint(os.path.join(args.output_dir, 'checkpoint.pth'), **common)
-            if improved:
-                save_checkpoint(os.path.join(args.output_dir, 'best_checkpoint.pth'), **common)
-
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters}
-        log_epoch(args.output_dir, log_stats)
-
-    tb_logger.close()
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
-    return test_stats
+    log_stats = trainer.fit()
+    return {k[len('test_'):]: v for k, v in log_stats.items() if k.startswith('test_')}
 
 
 if __name__ == '__main__':
-    args = get_args_parser().parse_args()
-    if args.output_dir and is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-    try:
-        main(args)
-    except (DatasetLayoutError, CheckpointError) as e:  # bad input: say what is wrong, no traceback
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, get_args_parser().parse_args())
