@@ -2,7 +2,8 @@
 
 `build_dataset(is_train, args) -> (dataset, nb_classes)` reads `args.data_set` / `args.data_path`;
 `build_transform(is_train, args)` is DeiT's recipe through timm's `create_transform`;
-`build_loaders(args, dataset_train, dataset_val)` picks DeiT's samplers.
+`build_loaders(args, dataset_train, dataset_val)` wraps them in DataLoaders over `build_samplers`' samplers.
+An ImageFolder validation split is labelled with its training split's class indices (`image_folder(train_root=)`).
 
 Every data-set class takes `(root, is_train, transform)` so that a method with its own transforms (TAVT) can reuse
 the readers. A missing folder or a wrong layout raises `DatasetLayoutError` naming what was expected where.
