@@ -11,24 +11,23 @@ Deviations from the original, all fixes of crashes or additions:
 - the gate values of `--finetune`/`--demo` come from `--gate_scale`/`--gate_center` when given; the file name
   (`<name>-<scale>-<center>.pth`) is only a fallback, and a name that does not parse no longer crashes;
 - evaluation also prints the mean token depth and the GFLOPs averaged over the evaluated images;
-- `--zip-tokens` evaluates with halted tokens really removed (same logits, less time).
+- evaluation removes halted tokens (same logits, less time); `--no-zip-tokens` keeps the masked loop.
 """
-import datetime
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from shared.amp import amp_enabled
 from shared.args import deit_parser
-from shared.checkpoint import CheckpointError, auto_resume, load_finetune, resume, save_checkpoint
+from shared.checkpoint import CheckpointError, load_finetune, load_training_state  # noqa: F401  (CheckpointError: re-exported)
 from shared.datasets import build_dataset, build_loaders
 from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp
-from shared.engine import (build_criterion, build_mixup, build_model_ema, build_optimization, log_epoch,
-                           TensorboardLogger)
+from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, TensorboardLogger
+from shared.errors import UserError, run_cli
+from shared.trainer import Trainer
 from shared.models import create_model
 from avit.engine_act import evaluate, train_one_epoch, visualize
 from avit.models_act import DEIT_START_POINTS, avit_models
@@ -37,7 +36,7 @@ from avit.models_act import DEIT_START_POINTS, avit_models
 def get_args_parser(add_help=True):
     parser = deit_parser('A-ViT training and evaluation script', add_help=add_help)
     # The A-ViT parser's defaults where they differ from the shared DeiT groups.
-    parser.set_defaults(model='avit_tiny_patch16_224', color_jitter=0.4, print_freq=100, auto_resume=False)
+    parser.set_defaults(model='avit_tiny_patch16_224', color_jitter=0.4, print_freq=100)
     g = parser.add_argument_group('A-ViT')
     g.add_argument('--ponder_token_scale', default=0.001, type=float, help='weight of the token ponder loss')
     g.add_argument('--pretrained', nargs='?', const=True, default=False, metavar='PATH',
@@ -52,8 +51,10 @@ def get_args_parser(add_help=True):
                    help='weight of the KL distributional prior; <= 0 turns it off')
     g.add_argument('--demo', action='store_true', help='write the token-depth visualisation of the val set and exit')
     g2 = parser.add_argument_group('A-ViT additions (defaults = the original behaviour)')
-    g2.add_argument('--zip-tokens', action='store_true',
-                    help='inference with halted tokens removed (same logits as the masked loop, faster)')
+    g2.add_argument('--zip-tokens', action='store_true', default=True,
+                    help='inference with halted tokens removed (same logits as the masked loop, faster; default)')
+    g2.add_argument('--no-zip-tokens', action='store_false', dest='zip_tokens',
+                    help="evaluate with the original's masked loop (training always uses it)")
     g2.add_argument('--prior-batch-axis-quirk', action='store_true', default=True,
                     help="the original per-layer halting statistic mean(h[1:]) over images 2..B and all tokens")
     g2.add_argument('--no-prior-batch-axis-quirk', action='store_false', dest='prior_batch_axis_quirk',
@@ -120,22 +121,22 @@ def demo_model(args, argv):
     elif 'small' in name:
         args.model = 'avit_small_patch16_224'
     else:
-        raise SystemExit(f'--demo: cannot tell the model from the checkpoint name {name!r} (expected "tiny" or '
-                         '"small" in it); pass --model')
+        raise UserError(f'--demo: cannot tell the model from the checkpoint name {name!r} (expected "tiny" or '
+                        '"small" in it); pass --model')
 
 
 def check_args(args):
     if args.act_mode != 4:
-        raise SystemExit(f'--act_mode {args.act_mode}: only 4 (token-level ACT) exists; modes 1-3 were exploration '
-                         'modes that the original also rejects')
+        raise UserError(f'--act_mode {args.act_mode}: only 4 (token-level ACT) exists; modes 1-3 were exploration '
+                        'modes that the original also rejects')
     if args.distillation_type != 'none':
-        raise SystemExit('--distillation-type must be none: the A-ViT model has no distillation head (the original '
-                         'crashes in DistillationLoss)')
+        raise UserError('--distillation-type must be none: the A-ViT model has no distillation head (the original '
+                        'crashes in DistillationLoss)')
     if args.demo and not args.finetune:
-        raise SystemExit('--demo needs --finetune <A-ViT checkpoint>')
+        raise UserError('--demo needs --finetune <A-ViT checkpoint>')
     for flag, path in (('--finetune', args.finetune), ('--resume', args.resume)):
         if path and not os.path.isfile(path):
-            raise SystemExit(f'{flag}: checkpoint not found: {path}')
+            raise UserError(f'{flag}: checkpoint not found: {path}')
 
 
 def state_dict_of(checkpoint):
@@ -146,14 +147,14 @@ def pretrained_path(args):
     if args.pretrained is True:
         name = DEIT_START_POINTS.get(args.model)
         if name is None:
-            raise SystemExit(f'--pretrained: no DeiT start point is known for {args.model}; pass --pretrained PATH')
+            raise UserError(f'--pretrained: no DeiT start point is known for {args.model}; pass --pretrained PATH')
         path = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
         if not os.path.isfile(path):
-            raise SystemExit(f'--pretrained: {path} not found. Nothing is downloaded here: put the DeiT checkpoint '
-                             f'https://dl.fbaipublicfiles.com/deit/{name} there, or pass --pretrained PATH')
+            raise UserError(f'--pretrained: {path} not found. Nothing is downloaded here: put the DeiT checkpoint '
+                            f'https://dl.fbaipublicfiles.com/deit/{name} there, or pass --pretrained PATH')
         return path
     if not os.path.isfile(args.pretrained):
-        raise SystemExit(f'--pretrained: checkpoint not found: {args.pretrained}')
+        raise UserError(f'--pretrained: checkpoint not found: {args.pretrained}')
     return args.pretrained
 
 
@@ -170,7 +171,9 @@ def main(args):
     device = torch.device(args.device)
     amp = amp_enabled(args, device)
 
-    seed_per_rank(args.seed)
+    # python's random drives timm's RandAugment (the default --aa) and random erasing: seeded, the same command
+    # gives the same run (the original left it unseeded)
+    seed_per_rank(args.seed, python_random=True)
     torch.backends.cudnn.benchmark = True
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
@@ -205,14 +208,13 @@ def main(args):
     optimizer, loss_scaler, lr_scheduler = build_optimization(args, model_without_ddp, device)
     criterion = build_criterion(args, mixup_fn)
 
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    auto_resume(args)
-    resume(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema)
-
     tb_logger = None
     if args.tensorboard:
         tb_logger = TensorboardLogger(os.path.join(Path.cwd(), args.output_dir))
 
+    if args.demo or args.eval:
+        # an explicit --resume only: neither writes into --output_dir
+        load_training_state(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema)
     if args.demo:
         visualize(data_loader_val, model, device, args=args, out_dir=args.demo_dir, amp=amp)
         return
@@ -224,36 +226,21 @@ def main(args):
             tb_logger.close()
         return
 
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    max_accuracy = 0.0
-    for epoch in range(args.start_epoch, args.epochs):
-        if hasattr(data_loader_train.sampler, 'set_epoch'):
-            data_loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
+    def train_epoch(epoch):
+        return train_one_epoch(
             model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
             mixup_fn, set_training_mode=args.finetune == '',  # the original fine-tunes in eval mode
             args=args, tb_logger=tb_logger, amp=amp)
-        lr_scheduler.step(epoch)
-        if output_dir is not None:
-            save_checkpoint(output_dir / 'checkpoint.pth', model=model_without_ddp, optimizer=optimizer,
-                            lr_scheduler=lr_scheduler, epoch=epoch, loss_scaler=loss_scaler, model_ema=model_ema,
-                            args=args)
+
+    def evaluate_epoch(epoch):
         test_stats, _ = evaluate(data_loader_val, model, device, epoch, tb_logger=tb_logger, args=args, amp=amp)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        print(f'Max accuracy: {max_accuracy:.2f}%')
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters}
-        if output_dir is not None:
-            log_epoch(args.output_dir, log_stats)
-        if tb_logger is not None:
-            tb_logger.flush()
-    if tb_logger is not None:
-        tb_logger.close()
-    total_time = time.time() - start_time
-    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+        return test_stats
+
+    trainer = Trainer(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, train_loader=data_loader_train,
+                      train_epoch=train_epoch, evaluate=evaluate_epoch, model_ema=model_ema,
+                      n_parameters=n_parameters, tb_logger=tb_logger, val_images=len(dataset_val))
+    trainer.resume()
+    trainer.fit()
 
 
 def parse(argv=None):
@@ -269,7 +256,4 @@ def parse(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main(parse())
-    except CheckpointError as e:
-        raise SystemExit(f'error: {e}')
+    run_cli(lambda: main(parse()))

@@ -130,11 +130,12 @@ def add_benchmark_args(parser):
 def benchmark(args):
     """DeiT (timm, same weights), the masked loop, the zipped path, the zipped path with nothing halting (its own
     overhead: ~1.0x DeiT) and the blocks alone on the zipped path's token counts without any halting bookkeeping
-    (what ideal zipping would cost on these kernels), timed in alternation on one batch; speed-up = zipped / DeiT,
-    next to the FLOPs cut and to the ideal's speed-up."""
+    (what ideal zipping would cost on these kernels), timed in alternation on one batch; speed-up = zipped / DeiT
+    (ratio of the median rounds), next to the FLOPs cut and to the ideal's speed-up; every forward's per-round
+    speed-up over DeiT is printed as median [min, max] and returned as `speedup_spread`."""
     import timm
     from avit.models_act import packed_block
-    from shared.benchmark import interleaved_throughput
+    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -183,17 +184,22 @@ def benchmark(args):
         counts = [int((model.counter_token > layer).sum(1).max()) for layer in range(len(model.blocks))]
         forwards = {'deit': deit, 'masked': run(False), 'zipped': run(True), 'zipped_no_halting': run(True, 1e9),
                     'blocks_only': blocks_only(counts)}
-        ips = interleaved_throughput(forwards, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup)
+        table = speedup_table(interleaved_seconds(forwards, x, rounds=args.rounds, runs=args.runs,
+                                                  warmup=args.warmup), bs, 'deit')
+        ips = {name: row['img_per_s']['median'] for name, row in table.items()}
         speedup = ips['zipped'] / ips['deit']
         ideal = ips['blocks_only'] / ips['deit']
         row = dict(batch_size=bs, mean_depth=depth, gflops=avit_gflops, flops_reduction=reduction,
                    deit_img_s=ips['deit'], masked_img_s=ips['masked'], zipped_img_s=ips['zipped'],
                    zipped_no_halting_img_s=ips['zipped_no_halting'], blocks_only_img_s=ips['blocks_only'],
                    tokens_per_block=counts, speedup=speedup, speedup_over_flops_reduction=speedup / reduction,
-                   ideal_speedup_over_flops_reduction=ideal / reduction)
+                   ideal_speedup_over_flops_reduction=ideal / reduction,
+                   speedup_spread={name: row['speedup'] for name, row in table.items()})
         results['rows'].append(row)
         print(f'{bs:>5} {depth:>6.2f} {avit_gflops:>7.3f} {reduction:>8.2f} {ips["deit"]:>11.1f} '
               f'{ips["masked"]:>13.1f} {ips["zipped"]:>13.1f} {ips["zipped_no_halting"]:>14.1f} '
               f'{ips["blocks_only"]:>13.1f} {speedup:>9.2f} {speedup / reduction:>9.2f} {ideal / reduction:>15.2f}')
-    model.zip_tokens = False
+        print('      per-round speed-up over DeiT, median [min, max]: ' + ', '.join(
+            f'{name} {format_spread(row["speedup"])}' for name, row in table.items() if name != 'deit'))
+    model.zip_tokens = True
     return results

@@ -5,9 +5,9 @@ h = sigmoid(gate_scale * x[..., 0] - gate_center). Parameter names are timm's, s
 checkpoints and `vit_*_patch16_224` state dicts load with the identity key mapping.
 
 Two forwards:
-- the masked dense loop of the official code (training, evaluation, exact parity): every block sees all tokens,
-  halted ones are zeroed and masked as attention keys;
-- the zipped loop (`zip_tokens=True`, inference only): halted tokens are removed from the sequence; in a batch the
+- the masked dense loop of the official code (training; evaluation with `zip_tokens=False`, exact parity): every
+  block sees all tokens, halted ones are zeroed and masked as attention keys;
+- the zipped loop (`zip_tokens=True`, the default in eval mode): halted tokens are removed from the sequence; in a batch the
   active tokens of each image are packed to the left and padded to the batch's largest active count, the padding is
   masked as keys. It gives the same logits and depth counters as the masked loop (up to float summation order).
 
@@ -121,10 +121,11 @@ class AdaptiveVisionTransformer(VisionTransformer):
     change them after construction, as the official file-name override does).
     prior_batch_axis_quirk: the official per-layer statistic is `mean(h[1:])`, which drops the first *image* of the
     batch and averages every token (issue NVlabs/A-ViT#4). False averages the patch tokens of every image instead.
-    zip_tokens: in eval mode, use the zipped path that really removes halted tokens.
+    zip_tokens: in eval mode, use the zipped path that really removes halted tokens (default); False evaluates with
+    the masked loop, which also records the per-layer halting statistics of the distributional prior.
     """
 
-    def __init__(self, gate_scale=10., gate_center=30., eps=0.01, prior_batch_axis_quirk=True, zip_tokens=False,
+    def __init__(self, gate_scale=10., gate_center=30., eps=0.01, prior_batch_axis_quirk=True, zip_tokens=True,
                  **kwargs):
         super().__init__(**kwargs)
         assert self.cls_token is not None and self.reg_token is None and not self.no_embed_class, \

@@ -39,7 +39,7 @@ def test_registry_and_state_dict_is_timm_vit():
 
 def test_depth_counters_and_ponder_invariants():
     torch.manual_seed(0)
-    model = with_varied_depths(tiny()).eval()
+    model = with_varied_depths(tiny(zip_tokens=False)).eval()
     model(torch.randn(3, 3, 64, 64))
     n, rho = model.counter_token, model.rho_token
     assert n.shape == rho.shape == (3, 17)
@@ -68,7 +68,7 @@ def test_huge_gate_center_is_full_depth_plain_vit():
 @pytest.mark.parametrize('batch', [1, 4])
 def test_zipped_equals_masked(batch):
     torch.manual_seed(1)
-    model = with_varied_depths(tiny()).eval()
+    model = with_varied_depths(tiny(zip_tokens=False)).eval()
     x = torch.randn(batch, 3, 64, 64)
     with torch.no_grad():
         masked_features = model.forward_features(x)
@@ -91,7 +91,7 @@ def test_zipped_equals_masked(batch):
 def test_zipped_image_with_every_token_halted_next_to_a_deep_one():
     """Image 0 halts completely in block 1 and rides along as pure padding (every key masked) while image 1 goes on."""
     torch.manual_seed(2)
-    model = tiny(gate_scale=1., gate_center=0.).eval()
+    model = tiny(gate_scale=1., gate_center=0., zip_tokens=False).eval()
     with torch.no_grad():
         # Channel 0 (the halting input) leaves block 1 as it entered: the patch's pixel sum, +1 for the class token.
         block = model.blocks[0]
@@ -112,6 +112,24 @@ def test_zipped_image_with_every_token_halted_next_to_a_deep_one():
     assert torch.equal(model.counter_token, counters)
     # Padding slots repeat image 0's positions; they must add exactly nothing there (ponder = 1 + remainder 1).
     assert torch.equal(model.rho_token[0], rho[0]) and torch.all(rho[0] == 2)
+    torch.testing.assert_close(zipped, masked, atol=1e-5, rtol=0)
+
+
+def test_evaluation_zips_by_default_and_training_masks():
+    torch.manual_seed(1)
+    model = with_varied_depths(tiny()).eval()
+    assert model.zip_tokens
+    x = torch.randn(3, 3, 64, 64)
+    calls = []
+    model.forward_features_act_token = lambda *a: calls.append('masked')
+    with torch.no_grad():
+        zipped = model(x)
+    assert calls == [] and model.halting_score_layer == []  # the zipped path ran (it records no prior statistic)
+    del model.forward_features_act_token
+    model.zip_tokens = False
+    with torch.no_grad():
+        masked = model(x)
+    assert len(model.halting_score_layer) == 12
     torch.testing.assert_close(zipped, masked, atol=1e-5, rtol=0)
 
 
@@ -183,7 +201,7 @@ def test_distribution_target_and_prior_loss():
 
 def test_prior_statistic_axis_switch():
     torch.manual_seed(0)
-    model = with_varied_depths(tiny()).eval()
+    model = with_varied_depths(tiny(zip_tokens=False)).eval()
     x = torch.randn(3, 3, 64, 64)
     model(x)
     quirk = torch.stack(model.halting_score_layer)
