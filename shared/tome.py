@@ -5,18 +5,19 @@ that a method with its own block (DiffRate's differentiable merge, ToCom's compe
 merging and size-weighted attention without the patch:
 
 - `parse_r(num_layers, r)`: int, `(r, inflection)` or per-layer list -> per-layer list.
-- `bipartite_soft_matching(metric, r, class_token, distill_token)` -> `(merge, unmerge)` closures, built from
-  `split_alternate`, `matching_scores`, `match_tokens` and `gather_merge`.
+- `bipartite_soft_matching(metric, r, class_token, distill_token)` -> `(merge, unmerge)` functions, built from
+  `match_bipartite` (a `Matching` of index tensors), `merge_matched` and `unmerge_matched`.
 - `merge_wavg(merge, x, size)`: size-weighted average merge; `merge_source(merge, x, source)`: source tracking.
 - `size_attention(q, k, v, size, ...)`: attention with ToMe's proportional bias (log of token sizes on the keys).
 - `apply_patch(model, trace_source=False, prop_attn=True)`, then `model.r = 16`: ToMe's patch API.
 
-Conventions are the official ToMe's: set A holds the even token indices, set B the odd ones; the merged sequence is
-[unmerged A tokens, all B tokens]; the class token (index 0) and the distillation token (index 1) are never merged
-and stay at indices 0 and 1.
+Conventions are the official ToMe's (results match it bit for bit): set A holds the even token indices, set B the odd
+ones; the merged sequence is [unmerged A tokens, all B tokens]; the class token (index 0) and the distillation token
+(index 1) are never merged and stay at indices 0 and 1.
 """
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 __all__ = [
-    'parse_r', 'do_nothing', 'split_alternate', 'matching_scores', 'match_tokens', 'gather_merge', 'gather_unmerge',
+    'parse_r', 'do_nothing', 'split_alternate', 'Matching', 'match_bipartite', 'merge_matched', 'unmerge_matched',
     'bipartite_soft_matching', 'merge_wavg', 'merge_source', 'size_attention', 'ToMeAttention', 'ToMeBlock',
     'make_tome_class', 'apply_patch', 'tome_info',
 ]
@@ -39,17 +40,14 @@ def parse_r(num_layers: int, r: Union[List[int], Tuple[int, float], int]) -> lis
     - list: taken as given (a copy), padded with zeros to `num_layers`. Its entries are not inspected, so a method may
       put its own per-layer values there (ToCom puts `[r_tgt, r_src]` pairs).
     """
-    inflect = 0
     if isinstance(r, list):
-        if len(r) < num_layers:
-            r = r + [0] * (num_layers - len(r))
-        return list(r)
-    if isinstance(r, tuple):
-        r, inflect = r
-    min_val = int(r * (1.0 - inflect))
-    max_val = 2 * r - min_val
-    step = (max_val - min_val) / (num_layers - 1) if num_layers > 1 else 0
-    return [int(min_val + step * i) for i in range(num_layers)]
+        return list(r) + [0] * (num_layers - len(r))
+    mean_r, inflection = r if isinstance(r, tuple) else (r, 0)
+    # the ramp runs from `first` to `last` around the mean; each layer's value is truncated to an int
+    first = int(mean_r * (1.0 - inflection))
+    last = 2 * mean_r - first
+    slope = (last - first) / (num_layers - 1) if num_layers > 1 else 0
+    return [int(first + layer * slope) for layer in range(num_layers)]
 
 
 def do_nothing(x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
@@ -61,106 +59,88 @@ def split_alternate(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[..., ::2, :], x[..., 1::2, :]
 
 
-def matching_scores(metric: torch.Tensor, class_token: bool = False, distill_token: bool = False) -> torch.Tensor:
-    """Cosine similarity of every A token to every B token, `[B, ceil(T/2), floor(T/2)]`.
+def _rows(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A `[B, n, 1]` token index widened to every channel of `x` `[B, T, C]` (for gather / scatter)."""
+    return index.expand(x.shape[0], -1, x.shape[-1])
 
-    Protected tokens get -inf so they are never chosen: the class token is A's row 0, the distillation token (index 1)
-    is B's column 0.
+
+class Matching(NamedTuple):
+    """One bipartite matching; the index tensors are `[B, n, 1]`, into set A (`kept`, `merged`) or set B (`into`)."""
+    kept: torch.Tensor     # A tokens that stay, in token order when there is a class token
+    merged: torch.Tensor   # A tokens that leave, most similar first
+    into: torch.Tensor     # for each leaving A token, the B token that absorbs it
+    num_tokens: int        # sequence length before the merge
+    distill_token: bool
+
+
+def match_bipartite(metric: torch.Tensor, r: int, class_token: bool = False, distill_token: bool = False) -> Matching:
+    """Pair each A token with its most similar B token (cosine of `metric`) and let the r best-paired A tokens go.
+
+    Protected tokens score -inf so they are never chosen: the class token is A's first row, the distillation token
+    (index 1) B's first column. r must already be capped (see `bipartite_soft_matching`).
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = split_alternate(metric)
-    scores = a @ b.transpose(-1, -2)
-    if class_token:
-        scores[..., 0, :] = -math.inf
-    if distill_token:
-        scores[..., :, 0] = -math.inf
-    return scores
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        set_a, set_b = split_alternate(unit)
+        similarity = set_a @ set_b.transpose(-1, -2)
+        similarity[..., :int(class_token), :] = -math.inf
+        similarity[..., :, :int(distill_token)] = -math.inf
+        best, partner = similarity.max(dim=-1)
+        ranking = best.argsort(dim=-1, descending=True).unsqueeze(-1)
+        merged, kept = ranking[..., :r, :], ranking[..., r:, :]
+        if class_token:  # ranked order would move the class token away from index 0
+            kept = kept.sort(dim=1).values
+        into = partner.unsqueeze(-1).gather(-2, merged)
+    return Matching(kept, merged, into, metric.shape[1], distill_token)
 
 
-def match_tokens(scores: torch.Tensor, r: int, class_token: bool = False):
-    """Choose the r most similar A tokens and their B partners.
-
-    Returns `(unm_idx, src_idx, dst_idx)`, each `[B, n, 1]`: A tokens kept, A tokens merged, and for each merged one the
-    B token it goes into. With a class token the kept A tokens are put back in their original order (class token first).
-    """
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-    unm_idx = edge_idx[..., r:, :]
-    src_idx = edge_idx[..., :r, :]
-    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-    if class_token:
-        unm_idx = unm_idx.sort(dim=1)[0]
-    return unm_idx, src_idx, dst_idx
+def merge_matched(match: Matching, x: torch.Tensor, mode: str = 'mean') -> torch.Tensor:
+    """Fold the leaving A tokens of x into their B partners with `scatter_reduce(mode)` (the B token itself included);
+    output [kept A, B], or [class, distill, other kept A, other B] with a distillation token."""
+    set_a, set_b = split_alternate(x)
+    kept = set_a.gather(-2, _rows(match.kept, x))
+    set_b = set_b.scatter_reduce(-2, _rows(match.into, x), set_a.gather(-2, _rows(match.merged, x)), reduce=mode)
+    pieces = (kept[:, :1], set_b[:, :1], kept[:, 1:], set_b[:, 1:]) if match.distill_token else (kept, set_b)
+    return torch.cat(pieces, dim=1)
 
 
-def gather_merge(x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
-                 mode: str = 'mean', distill_token: bool = False) -> torch.Tensor:
-    """Merge the chosen A tokens into their B partners with `scatter_reduce(mode)`; output [unmerged A, B]."""
-    src, dst = split_alternate(x)
-    n, t1, c = src.shape
-    r = src_idx.shape[-2]
-    unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-    src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-    dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-    if distill_token:
-        # keep [class, distill] at [0, 1]
-        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-    return torch.cat([unm, dst], dim=1)
-
-
-def gather_unmerge(x: torch.Tensor, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
-                   num_tokens: int) -> torch.Tensor:
-    """Inverse of `gather_merge` (without distill token): each merged token is copied back to all its sources."""
-    unm_len = unm_idx.shape[1]
-    r = src_idx.shape[-2]
-    unm, dst = x[..., :unm_len, :], x[..., unm_len:, :]
-    n, _, c = unm.shape
-    src = dst.gather(dim=-2, index=dst_idx.expand(n, r, c))
-    out = torch.zeros(n, num_tokens, c, device=x.device, dtype=x.dtype)
-    out[..., 1::2, :] = dst
-    out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, unm_len, c), src=unm)
-    out.scatter_(dim=-2, index=(2 * src_idx).expand(n, r, c), src=src)
-    return out
+def unmerge_matched(match: Matching, x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `merge_matched` (without distill token): every token goes back to the positions it came from."""
+    num_kept = match.kept.shape[1]
+    kept, set_b = x[..., :num_kept, :], x[..., num_kept:, :]
+    restored = x.new_zeros(x.shape[0], match.num_tokens, x.shape[-1])
+    restored[..., 1::2, :] = set_b
+    restored.scatter_(-2, _rows(2 * match.kept, x), kept)
+    restored.scatter_(-2, _rows(2 * match.merged, x), set_b.gather(-2, _rows(match.into, x)))
+    return restored
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = False,
                             distill_token: bool = False) -> Tuple[Callable, Callable]:
-    """ToMe's balanced bipartite matching on `metric` `[B, T, C]`, removing r tokens (at most half of the
-    unprotected ones). Returns `(merge(x, mode='mean'), unmerge(x))`."""
-    protected = int(class_token) + int(distill_token)
-    t = metric.shape[1]
-    r = min(r, (t - protected) // 2)
+    """ToMe's balanced bipartite matching on `metric` `[B, T, C]`, removing r tokens.
+    Returns `(merge(x, mode='mean'), unmerge(x))`."""
+    # set A holds half of the unprotected tokens, so at most that many can leave
+    r = min(r, (metric.shape[1] - int(class_token) - int(distill_token)) // 2)
     if r <= 0:
         return do_nothing, do_nothing
-
-    with torch.no_grad():
-        scores = matching_scores(metric, class_token, distill_token)
-        unm_idx, src_idx, dst_idx = match_tokens(scores, r, class_token)
-
-    def merge(x: torch.Tensor, mode: str = 'mean') -> torch.Tensor:
-        return gather_merge(x, unm_idx, src_idx, dst_idx, mode, distill_token)
-
-    def unmerge(x: torch.Tensor) -> torch.Tensor:
-        return gather_unmerge(x, unm_idx, src_idx, dst_idx, t)
-
-    return merge, unmerge
+    match = match_bipartite(metric, r, class_token, distill_token)
+    return partial(merge_matched, match), partial(unmerge_matched, match)
 
 
 def merge_wavg(merge: Callable, x: torch.Tensor, size: Optional[torch.Tensor] = None):
-    """Merge by the average weighted by token size (number of patches a token stands for).
-    Returns the merged tokens and their new sizes `[B, T', 1]`."""
-    if size is None:
-        size = torch.ones_like(x[..., 0, None])
-    x = merge(x * size, mode='sum')
-    size = merge(size, mode='sum')
-    return x / size, size
+    """Merge by the average weighted by token size (number of patches a token stands for): sum of size * x over the
+    merged tokens, divided by their summed size. Returns the merged tokens and their new sizes `[B, T', 1]`."""
+    weight = torch.ones_like(x[..., :1]) if size is None else size
+    weighted_sum = merge(x * weight, mode='sum')
+    merged_size = merge(weight, mode='sum')
+    return weighted_sum / merged_size, merged_size
 
 
 def merge_source(merge: Callable, x: torch.Tensor, source: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Track which input patches each token holds: a 0/1 `[B, T', T0]` map, identity before the first merge."""
     if source is None:
-        n, t, _ = x.shape
-        source = torch.eye(t, device=x.device)[None, ...].expand(n, t, t)
+        batch, tokens = x.shape[:2]
+        source = torch.eye(tokens, device=x.device).expand(batch, tokens, tokens)
     return merge(source, mode='amax')
 
 
@@ -213,26 +193,35 @@ class ToMeAttention(Attention):
 class ToMeBlock(Block):
     """timm Block that merges `r` tokens (popped from the shared `_tome_info['r']`) between attention and MLP."""
 
+    def layer_schedule(self):
+        """This layer's number of tokens to merge and the extra arguments of its attention (none for plain ToMe);
+        a method with its own per-layer schedule (ToCom) overrides this."""
+        return self._tome_info['r'].pop(0), ()
+
     def tome_merge(self, x: torch.Tensor, metric: torch.Tensor, r: int) -> torch.Tensor:
         """Merge r tokens of x by the metric, updating the shared size (and source) state."""
+        if r <= 0:
+            return x
         info = self._tome_info
-        if r > 0:
-            merge, _ = bipartite_soft_matching(metric, r, info['class_token'], info['distill_token'])
-            if info['trace_source']:
-                info['source'] = merge_source(merge, x, info['source'])
-            x, info['size'] = merge_wavg(merge, x, info['size'])
+        merge, _ = bipartite_soft_matching(metric, r, info['class_token'], info['distill_token'])
+        if info['trace_source']:
+            info['source'] = merge_source(merge, x, info['source'])
+        x, info['size'] = merge_wavg(merge, x, info['size'])
         return x
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
             raise NotImplementedError('ToMe blocks change the token count; attention masks are not supported')
+        r, attn_args = self.layer_schedule()
         info = self._tome_info
-        attn_size = info['size'] if info['prop_attn'] else None
-        x_attn, metric = self.attn(self.norm1(x), attn_size)
-        x = x + self.drop_path1(self.ls1(x_attn))
-        x = self.tome_merge(x, metric, info['r'].pop(0))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        attn_out, metric = self.attn(self.norm1(x), info['size'] if info['prop_attn'] else None, *attn_args)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        # neither the attention output nor the metric is needed by the MLP: freeing them here keeps the block's peak
+        # memory at plain timm's (one [B, N, C] tensor less than holding them to the end of the block)
+        del attn_out
+        x = self.tome_merge(x, metric, r)
+        del metric
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 _TOME_CLASSES = {}

@@ -112,6 +112,20 @@ def test_compensation_changes_output_and_merges_r_tgt():
     assert model._tome_info['size'].shape[1] == 65 - 3 * 6  # only r_tgt tokens are merged
 
 
+def test_tocom_block_peak_memory_not_above_timm_at_equal_degrees():
+    # ToComBlock runs ToMeBlock's forward, which frees the attention output before the MLP; the CPU tracker is
+    # deterministic (dispatcher-counted storages freed by reference count), see tests/test_tome.py
+    from shared.benchmark import peak_forward_memory_mb
+    torch.manual_seed(0)
+    plain = VisionTransformer(img_size=16, patch_size=4, embed_dim=128, depth=1, num_heads=2, num_classes=3).eval()
+    tocom = add_compensator(apply_patch(copy.deepcopy(plain)), tocom_dim=32).eval()
+    x = torch.randn(16, 17, 128)
+    timm_peak = peak_forward_memory_mb(lambda: plain.blocks[0](x), 'cpu')
+    tocom._tome_info.update(r=[[0, 0]], size=None, source=None)
+    assert peak_forward_memory_mb(lambda: tocom.blocks[0](x), 'cpu') <= timm_peak
+    assert tocom._tome_info['r'] == []  # the block consumed its [r_tgt, r_src] pair
+
+
 @pytest.mark.parametrize('pair', [(8, 0), (0, 8), (16, 3), (5, 5)])
 def test_fold_equals_unfolded(pair):
     model = tiny_tocom(scale=0.15)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from shared.benchmark import peak_forward_memory_mb
 from shared.tome import (apply_patch, bipartite_soft_matching, merge_source, merge_wavg, parse_r, size_attention)
 
 
@@ -81,6 +82,44 @@ def test_weighted_average_and_source_over_several_merges():
     assert torch.all(size.sum(1) == 17)                                    # and sum to the input token count
     assert torch.allclose(x, (source @ x0) / size, atol=1e-6)              # each token is the mean of its patches
     assert torch.all(source[:, 0, 0] == 1) and torch.all(size[:, 0] == 1)  # class token untouched at index 0
+
+
+def loop_reference_merge(metric, x, size, r, class_token):
+    """ToMe's merge written per image with Python lists: even tokens (A) pick their most cosine-similar odd token (B),
+    the r A tokens with the highest such similarity join it; the output is [kept A, B], each token the size-weighted
+    mean of its group, with the group's summed size and the set of input tokens it holds. Kept A tokens are in token
+    order with a class token (which stays first), else in decreasing order of their best similarity."""
+    out_x, out_size, out_groups = [], [], []
+    for m, feats, sizes in zip(metric, x, size):
+        unit = m / m.norm(dim=-1, keepdim=True)
+        a_tokens, b_tokens = list(range(0, len(m), 2)), list(range(1, len(m), 2))
+        similarity = unit[a_tokens] @ unit[b_tokens].T
+        best = [float('-inf') if (class_token and i == 0) else similarity[i].max().item() for i in range(len(a_tokens))]
+        partner = [b_tokens[int(similarity[i].argmax())] for i in range(len(a_tokens))]
+        ranked = sorted(range(len(a_tokens)), key=lambda i: -best[i])
+        leaving, staying = ranked[:r], (sorted(ranked[r:]) if class_token else ranked[r:])
+        groups = [[a_tokens[i]] for i in staying] + [[j] + [a_tokens[i] for i in leaving if partner[i] == j]
+                                                     for j in b_tokens]
+        out_groups.append(groups)
+        out_size.append(torch.stack([sizes[g].sum(0) for g in groups]))
+        out_x.append(torch.stack([(feats[g] * sizes[g]).sum(0) / sizes[g].sum(0) for g in groups]))
+    return torch.stack(out_x), torch.stack(out_size), out_groups
+
+
+@pytest.mark.parametrize('class_token', [True, False])
+@pytest.mark.parametrize('tokens,r', [(17, 5), (24, 11), (9, 1)])
+def test_merge_equals_per_image_loop(tokens, r, class_token):
+    torch.manual_seed(tokens + r)
+    metric, x = torch.randn(3, tokens, 6), torch.randn(3, tokens, 4)
+    size = torch.randint(1, 4, (3, tokens, 1)).float()
+    expected_x, expected_size, groups = loop_reference_merge(metric, x, size, r, class_token)
+    merge, _ = bipartite_soft_matching(metric, r, class_token=class_token)
+    merged_x, merged_size = merge_wavg(merge, x, size)
+    assert torch.equal(merged_size, expected_size)
+    assert torch.allclose(merged_x, expected_x, atol=1e-6)  # same terms, summed in another order
+    source = merge_source(merge, x)
+    for b, image_groups in enumerate(groups):
+        assert [sorted(row.nonzero().flatten().tolist()) for row in source[b]] == [sorted(g) for g in image_groups]
 
 
 def test_unmerge_restores_shape():
@@ -172,6 +211,28 @@ def test_per_layer_list_and_grad():
     assert model._tome_info['size'].shape[1] == 65 - 4 - 8
     out.sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def block_peak_mb(block, x):
+    return peak_forward_memory_mb(lambda: block(x), 'cpu')
+
+
+def test_patched_block_peak_memory_not_above_timm_at_r0():
+    # The CPU tracker counts tensor storages through the dispatcher and frees them by reference count, so the same
+    # forward gives the same figure every time. C = 128 with 17 tokens: the MLP (10 [B, N, C] tensors at its peak) is
+    # the block's peak; holding the attention output through it would add an eleventh.
+    torch.manual_seed(0)
+    plain = VisionTransformer(img_size=16, patch_size=4, embed_dim=128, depth=1, num_heads=2, num_classes=3).eval()
+    patched = apply_patch(copy.deepcopy(plain))
+    x = torch.randn(16, 17, 128)
+    timm_peak = block_peak_mb(plain.blocks[0], x)
+    assert block_peak_mb(plain.blocks[0], x) == timm_peak
+    patched._tome_info.update(r=[0], size=None, source=None)
+    patched_peak = block_peak_mb(patched.blocks[0], x)
+    assert patched_peak <= timm_peak
+    with torch.no_grad():
+        patched._tome_info.update(r=[0], size=None, source=None)
+        assert torch.equal(patched.blocks[0](x), plain.blocks[0](x))
 
 
 def test_patch_rejects_non_vit():

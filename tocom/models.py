@@ -88,23 +88,16 @@ class ToComAttention(ToMeAttention):
 
 
 class ToComBlock(ToMeBlock):
-    """ToMe block taking a `[r_tgt, r_src]` pair per layer: merges r_tgt tokens, compensates r_src -> r_tgt."""
+    """ToMe block taking a `[r_tgt, r_src]` pair per layer: merges r_tgt tokens, compensates r_src -> r_tgt.
+    The forward is ToMeBlock's (attention output freed before the merge and MLP); only the schedule differs."""
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError('ToMe blocks change the token count; attention masks are not supported')
-        info = self._tome_info
-        pair = info['r'].pop(0)
+    def layer_schedule(self):
+        pair = self._tome_info['r'].pop(0)
         if isinstance(pair, int) or len(pair) != 2:
             raise TypeError(f'a ToCom model takes model.r = [[r_tgt, r_src]] * depth (see tocom.models.set_r), '
                             f'got {pair!r} for a layer')
         r_tgt, r_src = int(pair[0]), int(pair[1])
-        attn_size = info['size'] if info['prop_attn'] else None
-        x_attn, metric = self.attn(self.norm1(x), attn_size, r_tgt, r_src)
-        x = x + self.drop_path1(self.ls1(x_attn))
-        x = self.tome_merge(x, metric, r_tgt)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        return r_tgt, (r_tgt, r_src)
 
 
 def is_tocom(model) -> bool:
