@@ -6,6 +6,12 @@
   --do_search          evolutionary search of per-layer token counts, Pareto frontier written as TSV files
 
 torchrun (or `python -m torch.distributed.launch`, `--local_rank`/`--local-rank`), single process and CPU all work.
+
+Training writes, besides the original's best-model file <output_dir>/<name>_checkpoint.bin, the training state
+<output_dir>/<name>_state.bin after every validation (and at the end) and one JSON line per validation to
+<output_dir>/<name>_log.txt. A run restarted with the same --output_dir and --name continues from that state by itself
+(--no_auto_resume to refuse instead), bit-identical to an uninterrupted run; a NaN/Inf loss or weight stops the run
+before anything is saved.
 """
 import argparse
 import logging
@@ -22,8 +28,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from shared.checkpoint import atomic_save, rng_state, safe_load, save_checkpoint, set_rng_state
 from shared.distributed import (barrier, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
                                 is_main_process, unwrap_model)
+from shared.errors import UserError, run_cli
+from shared.rundir import RunDir
+from shared.trainer import check_finite_loss, check_finite_weights
 from tavt.data_utils import DATASETS, get_loader, num_classes_of
 from tavt.evolution import DUMMY_BATCH, Evolution, seed_ratios
 from tavt.length_drop import sample_layer_configuration, sample_length_configuration
@@ -99,7 +109,14 @@ def get_args_parser():
                         "forever).")
     p.add_argument('--num_workers', type=int, default=4, help="Data-loader workers per process.")
     p.add_argument('--apex', action='store_true', help="With --fp16, use NVIDIA apex AMP (needs apex installed).")
+    p.add_argument('--no_auto_resume', '--no-auto-resume', action='store_false', dest='auto_resume',
+                   help="Do not continue from <output_dir>/<name>_state.bin; an existing one is then refused instead "
+                        "of overwritten.")
     return p
+
+
+class SetupError(UserError, ValueError):
+    """Flags that do not fit the model or the data (a ValueError too, as before)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,10 +148,10 @@ def setup(args):
     if args.pretrained_model is not None:
         load_checkpoint_model(args.pretrained_model, model)
     if model.num_layers != args.num_model_layer:
-        raise ValueError(f"--num_model_layer {args.num_model_layer} but {args.model_type} has {model.num_layers} "
+        raise SetupError(f"--num_model_layer {args.num_model_layer} but {args.model_type} has {model.num_layers} "
                          f"layers: pass --num_model_layer {model.num_layers}")
     if model.num_tokens != args.max_seq_length:
-        raise ValueError(f"--max_seq_length {args.max_seq_length} but {args.model_type} at --img_size "
+        raise SetupError(f"--max_seq_length {args.max_seq_length} but {args.model_type} at --img_size "
                          f"{args.img_size} ({args.split}) has {model.num_tokens} tokens: pass --max_seq_length "
                          f"{model.num_tokens}")
     model.to(args.device)
@@ -197,6 +214,9 @@ class Precision:
     def state_dict(self):
         return self.apex.state_dict() if self.apex is not None else self.scaler.state_dict()
 
+    def load_state_dict(self, state):
+        (self.apex if self.apex is not None else self.scaler).load_state_dict(state)
+
 
 def broadcast_parameters(model):
     if is_dist_avail_and_initialized():
@@ -230,9 +250,79 @@ def save_model(args, model, precision):
     if args.fp16 and precision.enabled:
         checkpoint['amp'] = precision.state_dict()
     path = os.path.join(args.output_dir, "%s_checkpoint.bin" % args.name)
-    from shared.checkpoint import atomic_save
     atomic_save(checkpoint, path)
     logger.info("Saved model checkpoint to [DIR: %s]", args.output_dir)
+
+
+def state_path(args):
+    return os.path.join(args.output_dir, "%s_state.bin" % args.name)
+
+
+def gather_per_rank(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    objs = [None] * get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+class Progress:
+    """Where the step loop stands, so that a restarted run continues exactly where the last saved state left it.
+
+    Validation (and so a save) may fall in the middle of a pass over the data: the state then holds each rank's RNG
+    states from just before the pass's loader was created and how many micro-batches of the pass were used. A resumed
+    run rebuilds the loader from those states, draws the used micro-batches again without training on them (the same
+    sampler order and augmentation draws), then puts back the RNG states of the saved moment."""
+
+    def __init__(self):
+        self.global_step, self.epoch, self.best_acc = 0, 0, 0
+        self.batches_done, self.correct, self.seen = 0, 0, 0
+        self.pass_rng = None        # this rank's RNG states before the current pass's loader was built
+        self.history = []           # one entry per validation (the lines of <name>_log.txt)
+        self.finished = False
+        self.resume_rng = None      # set by load(): this rank's states at the saved moment, applied after the replay
+
+    def save(self, args, model, optimizer, scheduler, precision):
+        """<name>_state.bin, on every rank (the RNG states are gathered); the weights are checked first."""
+        check_finite_weights(model)
+        per_rank = gather_per_rank({'pass_rng': self.pass_rng, 'correct': self.correct, 'seen': self.seen})
+        save_checkpoint(state_path(args), model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                        precision=precision.state_dict(), args=args, global_step=self.global_step, epoch=self.epoch,
+                        best_acc=self.best_acc, batches_done=self.batches_done, per_rank=per_rank,
+                        log=list(self.history), finished=self.finished)
+
+    def load(self, path, model, optimizer, scheduler, precision):
+        from shared.checkpoint import load_weights
+        ckpt = safe_load(path)
+        if get_world_size() != len(ckpt['rng']):
+            raise UserError(f"{path} was written by {len(ckpt['rng'])} processes, this run has {get_world_size()}: "
+                            "continue it with the same number of processes, or pass another --output_dir/--name")
+        load_weights(unwrap_model(model), ckpt['model'], strict=True, source=path)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['lr_scheduler'])
+        if ckpt.get('precision'):
+            precision.load_state_dict(ckpt['precision'])
+        mine = ckpt['per_rank'][get_rank()]
+        self.global_step, self.epoch, self.best_acc = ckpt['global_step'], ckpt['epoch'], ckpt['best_acc']
+        self.batches_done, self.correct, self.seen = ckpt['batches_done'], mine['correct'], mine['seen']
+        self.pass_rng, self.resume_rng = mine['pass_rng'], ckpt['rng'][get_rank()]
+        self.history, self.finished = list(ckpt['log']), ckpt['finished']
+        logger.info("Resumed from %s: %d steps done", path, self.global_step)
+
+    def start_pass(self, loader):
+        """enumerate(loader) for the next pass; after a resume, positioned where the saved state left off."""
+        if self.resume_rng is None:
+            self.pass_rng = rng_state()
+            self.batches_done = self.correct = self.seen = 0
+            return enumerate(loader)
+        set_rng_state(self.pass_rng)
+        batches = enumerate(loader)
+        for _ in range(self.batches_done):
+            next(batches)
+        set_rng_state(self.resume_rng)
+        self.resume_rng = None
+        return batches
 
 
 def reduce_counts(correct, total):
@@ -276,7 +366,7 @@ def valid(args, model, writer, test_loader, global_step):
     logger.info("Valid Accuracy: %2.5f" % accuracy)
     if writer is not None:
         writer.add_scalar("test/accuracy", scalar_value=accuracy, global_step=global_step)
-    return accuracy
+    return accuracy, loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +379,8 @@ def baseline_passes(args, model, precision, x, y):
     if args.gradient_accumulation_steps > 1:
         loss = loss / args.gradient_accumulation_steps
     precision.backward(loss)
-    return loss.item(), logits
+    loss_value = loss.item()
+    return loss_value, logits, (loss_value,)
 
 
 def distil_passes(args, model, precision, x, y):
@@ -302,7 +393,9 @@ def distil_passes(args, model, precision, x, y):
         loss, logits = model(x, y, layer_config=layer_config, length_config=None)
     # The original adds 0 * sum(params) here so that apex DDP sees every parameter; gradients are all-reduced
     # explicitly here (allreduce_gradients), so the term is not needed. Not divided by the accumulation (as there).
-    precision.backward(loss.mean() / k)
+    full_loss = loss.mean() / k
+    precision.backward(full_loss)
+    values = [full_loss.item()]
     teacher = logits.detach()
     for i in range(args.num_sandwich + 1):
         layer_config = sample_layer_configuration(
@@ -321,13 +414,37 @@ def distil_passes(args, model, precision, x, y):
         if args.gradient_accumulation_steps > 1:
             kd = kd / args.gradient_accumulation_steps
         precision.backward(kd)
-    return kd.item(), logits
+        values.append(kd.item())
+    return values[-1], logits, values
+
+
+def take_run_dir(args):
+    """Lock <output_dir> (rank 0) and say where the run starts: the state file to continue from, or None."""
+    run_dir = RunDir(args.output_dir, active=is_main_process(), log_name="%s_log.txt" % args.name)
+    run_dir.acquire()
+    barrier()  # leftovers of an interrupted save are gone before any rank looks for the state
+    path = state_path(args)
+    if not os.path.isfile(path):
+        return run_dir, None
+    if not args.auto_resume:
+        run_dir.release()
+        raise UserError(f"{path} holds an earlier run and auto-resume is off: continue it by rerunning without "
+                        "--no_auto_resume, or pass another --output_dir or --name")
+    return run_dir, path
 
 
 def run_training(args, model, distil, datasets=None):
     """The original's train() (distil=False) and distil() (distil=True); `datasets`: see data_utils.get_loader."""
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
+    run_dir, resume_from = take_run_dir(args)
+    try:
+        return _train_steps(args, model, distil, datasets, run_dir, resume_from)
+    finally:
+        run_dir.release()
+
+
+def _train_steps(args, model, distil, datasets, run_dir, resume_from):
     writer = None
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -356,54 +473,85 @@ def run_training(args, model, distil, datasets=None):
     passes = distil_passes if distil else baseline_passes
     model.zero_grad()
     set_seed(args)
-    global_step, best_acc, epoch = 0, 0, 0
+    progress = Progress()
+    if resume_from is not None:
+        progress.load(resume_from, model, optimizer, scheduler, precision)
+        run_dir.restore_log(progress.history)
+    if progress.finished:
+        logger.info("Training already finished (%d steps in %s)", progress.global_step, resume_from)
+        if writer is not None:
+            writer.close()
+        return progress.best_acc
     start_time = time.time()
     while True:
         model.train()
         it = tqdm(train_loader, desc="Training (X / X Steps) (loss=X.X)", bar_format="{l_bar}{r_bar}",
                   dynamic_ncols=True, disable=not is_main_process() or not sys.stderr.isatty())
-        correct = seen = 0
-        for step, (x, y) in enumerate(it):
+        batches = progress.start_pass(it)
+        # a run resumed from the state saved at its last step has no step left in this pass
+        for step, (x, y) in (batches if progress.global_step < t_total else ()):
             x, y = x.to(args.device), y.to(args.device)
-            loss_value, logits = passes(args, model, precision, x, y)
-            correct += (logits.argmax(-1) == y).sum().item()
-            seen += y.numel()
+            loss_value, logits, pass_losses = passes(args, model, precision, x, y)
+            for value in pass_losses:
+                check_finite_loss(value, progress.epoch, step=progress.global_step + 1)
+            progress.correct += (logits.argmax(-1) == y).sum().item()
+            progress.seen += y.numel()
+            progress.batches_done = step + 1
             if (step + 1) % args.gradient_accumulation_steps == 0:
                 # The logged loss is the last pass's (for distillation: the last sub-network's KD / K), as there.
                 loss_logged = loss_value * args.gradient_accumulation_steps
                 precision.clip_and_step(scheduler, args.max_grad_norm)
-                global_step += 1
+                progress.global_step += 1
+                global_step = progress.global_step
                 it.set_description("Training (%d / %d Steps) (loss=%2.5f)" % (global_step, t_total, loss_logged))
                 if writer is not None:
                     writer.add_scalar("train/loss", scalar_value=loss_logged, global_step=global_step)
                     writer.add_scalar("train/lr", scalar_value=scheduler.get_last_lr()[0], global_step=global_step)
                 # Distillation skips validation during the first pass over the data.
-                if global_step % args.eval_every == 0 and not (distil and epoch == 0):
-                    accuracy = valid(args, model, writer, test_loader, global_step)
-                    if is_main_process():
-                        if distil:
-                            # saves on ties at 0.1 % resolution, so `best` may go down slightly (as the original)
-                            better = math.floor(best_acc * 1000) / 1000 <= math.floor(accuracy * 1000) / 1000
-                        else:
-                            better = best_acc < accuracy
-                        if better:
-                            save_model(args, model, precision)
-                            best_acc = accuracy
-                        logger.info("best accuracy so far: %f", best_acc)
+                if global_step % args.eval_every == 0 and not (distil and progress.epoch == 0):
+                    validate_and_save(args, model, optimizer, scheduler, precision, writer, test_loader, progress,
+                                      distil, run_dir)
                     model.train()
                 if global_step % t_total == 0:
                     break
-        train_accuracy = reduce_counts(correct, seen)
+        train_accuracy = reduce_counts(progress.correct, progress.seen)
         logger.info("%s accuracy so far: %f" % ("single epoch train" if distil else "train", train_accuracy))
-        epoch += 1
-        if global_step % t_total == 0:
+        progress.epoch += 1
+        if progress.global_step % t_total == 0:
             break
+    progress.finished = True
+    if args.output_dir:
+        progress.save(args, model, optimizer, scheduler, precision)
     if writer is not None:
         writer.close()
-    logger.info("Best Accuracy: \t%f" % best_acc)
+    logger.info("Best Accuracy: \t%f" % progress.best_acc)
     logger.info("End Training!")
     logger.info("Total Training Time: \t%f" % ((time.time() - start_time) / 3600))
-    return best_acc
+    return progress.best_acc
+
+
+def validate_and_save(args, model, optimizer, scheduler, precision, writer, test_loader, progress, distil, run_dir):
+    """Validation, the best-model file when it improved, then the training state and the log line (the state is
+    written after validation, whose loader draws from torch's generator)."""
+    accuracy, loss = valid(args, model, writer, test_loader, progress.global_step)
+    check_finite_weights(model)
+    best_acc = progress.best_acc
+    if distil:
+        # saves on ties at 0.1 % resolution, so `best` may go down slightly (as the original)
+        better = math.floor(best_acc * 1000) / 1000 <= math.floor(accuracy * 1000) / 1000
+    else:
+        better = best_acc < accuracy
+    if better:
+        if is_main_process():
+            save_model(args, model, precision)
+        progress.best_acc = accuracy
+    if is_main_process():
+        logger.info("best accuracy so far: %f", progress.best_acc)
+    entry = {'step': progress.global_step, 'epoch': progress.epoch, 'valid_loss': loss, 'valid_accuracy': accuracy,
+             'best_accuracy': progress.best_acc}
+    progress.history.append(entry)
+    progress.save(args, model, optimizer, scheduler, precision)
+    run_dir.append_log(entry)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,4 +617,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
