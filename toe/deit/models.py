@@ -9,6 +9,7 @@ import warnings
 from functools import partial
 
 import torch
+from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from shared.models import DIGITS_VIT
@@ -24,20 +25,15 @@ class VisionTransformerExpansion(VisionTransformer):
         self.token_select = TokenSelect()  # replaced by the entry script with the configured one
 
     def forward_features(self, x, attn_mask=None, is_causal=False):
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             # As in the original: the checkpointed path has no selection hook, so it trains on all tokens.
-            from timm.models._manipulate import checkpoint_seq
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            for i, block in enumerate(self.blocks):
-                if i == 1:
-                    x, _ = self.token_select.token_select(x)
-                x = block(x) if attn_mask is None and not is_causal else block(x, attn_mask=attn_mask,
-                                                                             is_causal=is_causal)
+            return self.norm(checkpoint_seq(self.blocks, x))
+        mask_args = {} if attn_mask is None and not is_causal else dict(attn_mask=attn_mask, is_causal=is_causal)
+        for depth, block in enumerate(self.blocks):
+            if depth == 1:  # block 0 always sees every token
+                x, _ = self.token_select.token_select(x)
+            x = block(x, **mask_args)
         return self.norm(x)
 
 

@@ -68,11 +68,9 @@ class PairedCompose:
         self.transforms = transforms_
 
     def __call__(self, img, label_map):
-        for t in self.transforms:
-            if getattr(t, 'paired', False):
-                img, label_map = t(img, label_map)
-            else:
-                img = t(img)
+        for transform in self.transforms:
+            paired = getattr(transform, 'paired', False)  # geometric: the label map moves with the image
+            img, label_map = transform(img, label_map) if paired else (transform(img), label_map)
         return img, label_map
 
 
@@ -241,12 +239,8 @@ class TokenLabelMixup(Mixup):
     def __call__(self, x, target):
         if len(x) % 2:
             raise ValueError(f'mixup/cutmix need an even batch, got {len(x)} images')
-        if self.mode == 'elem':
-            lam = self._mix_elem(x)
-        elif self.mode == 'pair':
-            lam = self._mix_pair(x)
-        else:
-            lam = self._mix_batch(x)
+        mix_images = {'elem': self._mix_elem, 'pair': self._mix_pair}.get(self.mode, self._mix_batch)
+        lam = mix_images(x)  # mixes x in place, as timm's Mixup does
         if target.dim() > 2:
             y = token_label_target(target, self.num_classes, self.label_smoothing, self.label_size)
         else:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 from timm.layers import DropPath, trunc_normal_
+from timm.models import named_apply
+from timm.models.vision_transformer import init_weights_vit_timm
 
 from toe.token_select import TokenSelect
 
@@ -94,6 +96,12 @@ def rand_bbox(size, lam):
             int(np.clip(cx + cut_w // 2, 0, W)), int(np.clip(cy + cut_h // 2, 0, H)))
 
 
+def _init_linear_and_layernorm(module, name=''):
+    # timm's ViT initialisation of linear layers; of the other modules only LayerNorms are reset (their default,
+    # consuming no random numbers), so the stem's convolutions keep the weights they were built with
+    init_weights_vit_timm(module, name, needs_reset=isinstance(module, nn.LayerNorm))
+
+
 class LVViTExpansion(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4., qkv_bias=False, qk_scale=None, drop_rate=0., attn_drop_rate=0.,
@@ -104,10 +112,10 @@ class LVViTExpansion(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed4_2(img_size, patch_size, in_chans, embed_dim)
-        num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.pos_drop = nn.Dropout(p=drop_rate)
+        # one position per token: the class token, then the patch grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, head_dim, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i],
@@ -120,22 +128,19 @@ class LVViTExpansion(nn.Module):
         if mix_token:
             assert return_dense, 'MixToken needs the dense head'
             self.beta = 1.0
-        trunc_normal_(self.pos_embed, std=.02)
-        trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
+        self.initialize_weights()
 
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+    def initialize_weights(self):
+        """LV-ViT's (DeiT's) initialisation: truncated normal, std 0.02, for the position embedding, the class token and
+        every linear weight (zero biases), LayerNorms reset to identity; the stem's convolutions and BatchNorms keep
+        PyTorch's defaults. Linear layers are drawn in module order, so a seed gives the original's weights."""
+        for embedding in (self.pos_embed, self.cls_token):
+            trunc_normal_(embedding, std=.02)
+        named_apply(_init_linear_and_layernorm, self)
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {'pos_embed', 'cls_token'}
+        return {'cls_token', 'pos_embed'}
 
     def get_classifier(self):
         return self.head
@@ -158,16 +163,31 @@ class LVViTExpansion(nn.Module):
     def forward_features(self, x):
         return self.forward_tokens(self.patch_embed(x).flatten(2).transpose(1, 2))
 
+    def mix_tokens(self, grid):
+        """MixToken on the (B, C, H, W) token grid: a box drawn with a Beta(beta, beta) area is replaced by the same box
+        of the batch-flipped grid. Returns the mixed grid and the box (x1, y1, x2, y2)."""
+        box = rand_bbox(grid.size(), np.random.beta(self.beta, self.beta))
+        x1, y1, x2, y2 = box
+        mixed = grid.clone()
+        mixed[:, :, x1:x2, y1:y2] = grid.flip(0)[:, :, x1:x2, y1:y2]
+        return mixed, box
+
+    @staticmethod
+    def unmix_dense(dense, box, grid_size):
+        """Undo MixToken on the dense predictions (B, H*W, classes): inside the box, each image gets back the
+        predictions of the tokens that came from it (those of the batch-flipped partner)."""
+        x1, y1, x2, y2 = box
+        grid = dense.reshape(dense.shape[0], *grid_size, dense.shape[-1])
+        restored = grid.clone()
+        restored[:, x1:x2, y1:y2, :] = grid.flip(0)[:, x1:x2, y1:y2, :]
+        return restored.reshape(dense.shape)
+
     def forward(self, x):
         x = self.patch_embed(x)
-        bbx1 = bby1 = bbx2 = bby2 = 0
+        grid_size = x.shape[2:]
+        box = (0, 0, 0, 0)
         if self.mix_token and self.training:
-            lam = np.random.beta(self.beta, self.beta)
-            patch_h, patch_w = x.shape[2], x.shape[3]
-            bbx1, bby1, bbx2, bby2 = rand_bbox(x.size(), lam)
-            mixed = x.clone()
-            mixed[:, :, bbx1:bbx2, bby1:bby2] = x.flip(0)[:, :, bbx1:bbx2, bby1:bby2]
-            x = mixed
+            x, box = self.mix_tokens(x)
         x = self.forward_tokens(x.flatten(2).transpose(1, 2))
         x_cls = self.head(x[:, 0])
         if not self.return_dense:
@@ -176,11 +196,8 @@ class LVViTExpansion(nn.Module):
         if not self.training:
             return x_cls + 0.5 * x_aux.max(1)[0]
         if self.mix_token:
-            x_aux = x_aux.reshape(x_aux.shape[0], patch_h, patch_w, x_aux.shape[-1])
-            unflipped = x_aux.clone()
-            unflipped[:, bbx1:bbx2, bby1:bby2, :] = x_aux.flip(0)[:, bbx1:bbx2, bby1:bby2, :]
-            x_aux = unflipped.reshape(x_aux.shape[0], patch_h * patch_w, x_aux.shape[-1])
-        return x_cls, x_aux, (bbx1, bby1, bbx2, bby2)
+            x_aux = self.unmix_dense(x_aux, box, grid_size)
+        return x_cls, x_aux, box
 
 
 ARCHS = {
