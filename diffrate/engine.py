@@ -1,13 +1,11 @@
 """DiffRate's search epoch and evaluation (the reference's engine.py, on the shared metric logger and AMP)."""
-import math
-import sys
-
 import torch
 from timm.utils import accuracy
 
 from shared.amp import autocast
 from shared.distributed import unwrap_model
 from shared.metrics import MetricLogger, SmoothedValue
+from shared.trainer import check_finite_loss
 
 FLOPS_WEIGHT = 5.0                  # lambda of the squared FLOPs penalty
 COMPRESSION_RATE_PRINT_FREQ = 100   # iterations between two logs of the current kept numbers
@@ -45,9 +43,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         loss_flops = (gflops - target_flops) ** 2
         loss = lamb * loss_flops + loss_cls.float()
         loss_cls_value = loss_cls.item()
-        if not math.isfinite(loss_cls_value):
-            print(f'Loss is {loss_cls_value}, stopping training')
-            sys.exit(1)
+        check_finite_loss(loss_cls_value, epoch, step)
 
         optimizer.zero_grad()
         if torch.is_tensor(loss) and loss.requires_grad:

@@ -12,24 +12,22 @@ import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from timm.scheduler.cosine_lr import CosineLRScheduler
+from timm.scheduler.cosine_lr import CosineLRScheduler  # noqa: E402
 
-from diffrate import schedules
-from diffrate.engine import evaluate, log_kept_numbers, train_one_epoch
-from diffrate.models import apply_diffrate, create_model, patch_kind
-from shared import args as shared_args
-from shared.amp import NativeScaler, amp_enabled
-from shared.checkpoint import load_weights, resume, safe_load, save_checkpoint, to_timm_state_dict
-from shared.datasets import build_dataset, build_loaders
-from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp
-from shared.engine import build_criterion, build_mixup, log_epoch, scale_lr
-
+from diffrate import schedules  # noqa: E402
+from diffrate.engine import evaluate, log_kept_numbers, train_one_epoch  # noqa: E402
+from diffrate.models import apply_diffrate, create_model, patch_kind  # noqa: E402
+from shared import args as shared_args  # noqa: E402
+from shared.amp import NativeScaler, amp_enabled  # noqa: E402
+from shared.checkpoint import load_weights, safe_load, to_timm_state_dict  # noqa: E402
+from shared.datasets import build_dataset, build_loaders  # noqa: E402
+from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp  # noqa: E402
+from shared.engine import build_criterion, build_mixup, scale_lr  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
+from shared.trainer import Best, Trainer  # noqa: E402
 
 def get_args_parser():
     parser = argparse.ArgumentParser('DiffRate search and evaluation script', add_help=False)
@@ -37,14 +35,16 @@ def get_args_parser():
         add(parser)
     # the reference's defaults where they differ from DeiT's
     parser.set_defaults(batch_size=256, model_ema=False, weight_decay=0.0, color_jitter=0.4, output_dir='./log/temp',
-                        dist_eval=True, auto_resume=False, num_workers=10)
+                        dist_eval=True, num_workers=10)
     g = parser.add_argument_group('DiffRate')
     g.add_argument('--multi-reso', default=False, action='store_true', help='unused (parsed as the reference does)')
     g.add_argument('--arch-lr', type=float, default=0.01, metavar='LR',
                    help='AdamW learning rate of the architecture parameters')
     g.add_argument('--arch-min-lr', type=float, default=0.001, metavar='LR',
                    help='floor of the cosine schedule of the architecture learning rate')
-    g.add_argument('--autoresume', action='store_true', help='resume from <output_dir>/checkpoint.pth if present')
+    # the reference's opt-in flag; resuming is now the default (--no-auto-resume switches it off)
+    g.add_argument('--autoresume', action='store_true', dest='auto_resume', default=True,
+                   help='resume from <output_dir>/checkpoint.pth if present (default on)')
     g.add_argument('--port', default='15662', type=str, help='SLURM master port (unused by torchrun)')
     g.add_argument('--target_flops', type=float, default=3.0,
                    help='GFLOPs target of the search; with --load_compression_rate the schedule to load')
@@ -71,8 +71,8 @@ def build_diffrate_model(args):
     patch_kind(args.model)  # unsupported names stop before anything is built
     weights = getattr(args, 'weights', '')
     if args.finetune and weights:
-        raise SystemExit('give the weights with one of --finetune (the search then runs in eval mode, as the '
-                         'reference\'s) and --weights (the search runs in train mode), not both')
+        raise UserError('give the weights with one of --finetune (the search then runs in eval mode, as the '
+                        'reference\'s) and --weights (the search runs in train mode), not both')
     flag, source = ('--finetune', args.finetune) if args.finetune else ('--weights', weights)
     kwargs = dict(num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
     if args.input_size != 224 and 'caformer' not in args.model:
@@ -102,7 +102,7 @@ def build_diffrate_model(args):
         result = load_weights(model, state_dict, strict=False, source=source)
         network_missing = [k for k in result.missing_keys if 'ddp' not in k and not k.startswith('head')]
         if network_missing:
-            raise SystemExit(f'{flag} {source} does not fit {args.model}: missing {network_missing[:8]}')
+            raise UserError(f'{flag} {source} does not fit {args.model}: missing {network_missing[:8]}')
     return model
 
 
@@ -140,7 +140,7 @@ def main(args, model=None):
     init_distributed_mode(args)
     print(args)
     device = torch.device(args.device)
-    seed_per_rank(args.seed)
+    seed_per_rank(args.seed, python_random=True)  # RandAugment draws from python's random
     torch.backends.cudnn.benchmark = True
     amp = amp_enabled(args, device)
 
@@ -166,8 +166,8 @@ def main(args, model=None):
     if not args.eval:
         floor = smallest_reachable_gflops(model)
         if args.target_flops < floor:
-            raise SystemExit(f'--target_flops {args.target_flops} is below the smallest FLOPs {floor:.3f}G that '
-                             f'{args.model} can reach with --granularity {args.granularity}')
+            raise UserError(f'--target_flops {args.target_flops} is below the smallest FLOPs {floor:.3f}G that '
+                            f'{args.model} can reach with --granularity {args.granularity}')
     # the network is frozen: only the proxies' logits learn (the reference leaves requires_grad on and simply
     # keeps the weights out of the optimizer; the architecture gradients are the same)
     for p in model.parameters():
@@ -184,58 +184,46 @@ def main(args, model=None):
                                      cycle_decay=args.decay_rate)
     criterion = build_criterion(args, mixup_fn).base_criterion
 
-    if args.autoresume and os.path.exists(os.path.join(args.output_dir, 'checkpoint.pth')):
-        args.resume = os.path.join(args.output_dir, 'checkpoint.pth')
-    if args.resume:
-        resume(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler)
-        # kept numbers are plain attributes (not in the state dict): recompute them from the loaded logits
-        # (the reference evaluates the untrained 101... numbers here); use the schedule the checkpoint recorded
-        if not args.load_compression_rate:
-            saved = safe_load(args.resume).get('diffrate_schedule')
-            if saved:
-                model_without_ddp.set_kept_num(saved['prune_kept_num'], saved['merge_kept_num'])
-            else:
-                model_without_ddp.refresh_kept_numbers()
+    # the schedule of the last finished epoch: written to compression_rate.json and stored in the checkpoint
+    schedule_info = {}
+
+    def train_epoch(epoch):
+        stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                args.clip_grad, mixup_fn, set_training_mode=args.finetune == '',
+                                target_flops=args.target_flops, warm_up=args.warmup_compression_rate, amp=amp,
+                                print_freq=getattr(args, 'print_freq', 10))
+        # the schedule that is evaluated, saved and reloaded is the one of the logits after the last step
+        if args.finetune == '':
+            model_without_ddp.refresh_kept_numbers()
+        schedule_info.clear()
+        schedule_info.update(save_schedule(args, model_without_ddp, epoch))
+        return stats
+
+    def evaluate_epoch(epoch):
+        return evaluate(data_loader_val, model, device, amp)
+
+    trainer = Trainer(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, train_loader=data_loader_train,
+                      train_epoch=train_epoch, evaluate=evaluate_epoch, n_parameters=n_parameters,
+                      bests=(Best(filename='model_best.pth'),), val_images=len(dataset_val),
+                      checkpoint_fields=lambda: {'diffrate_schedule': dict(schedule_info)})
+    checkpoint = trainer.resume()
+    if checkpoint is not None and not args.load_compression_rate:
+        # kept numbers are plain attributes (not in the state dict): take the schedule the checkpoint recorded, else
+        # recompute them from the loaded logits (the reference evaluates the untrained full numbers here)
+        saved = checkpoint.get('diffrate_schedule') if isinstance(checkpoint, dict) else None
+        if saved:
+            model_without_ddp.set_kept_num(saved['prune_kept_num'], saved['merge_kept_num'])
+            schedule_info.update(saved)
+        else:
+            model_without_ddp.refresh_kept_numbers()
 
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, amp)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return test_stats
 
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    max_accuracy = 0.0
+    trainer.fit()
     output_dir = Path(args.output_dir) if args.output_dir else None
-    schedule_info = None
-    for epoch in range(args.start_epoch, args.epochs):
-        data_loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      args.clip_grad, mixup_fn, set_training_mode=args.finetune == '',
-                                      target_flops=args.target_flops, warm_up=args.warmup_compression_rate,
-                                      amp=amp, print_freq=getattr(args, 'print_freq', 10))
-        lr_scheduler.step(epoch)
-        # the schedule that is evaluated, saved and reloaded is the one of the logits after the last step
-        if args.finetune == '':
-            model_without_ddp.refresh_kept_numbers()
-        schedule_info = save_schedule(args, model_without_ddp, epoch)
-        checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth') if args.output_dir else None
-        if checkpoint_path:
-            save_checkpoint(checkpoint_path, model=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                            epoch=epoch, loss_scaler=loss_scaler, args=args, diffrate_schedule=schedule_info)
-        test_stats = evaluate(data_loader_val, model, device, amp)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        if checkpoint_path and is_main_process() and max_accuracy < test_stats['acc1']:
-            shutil.copyfile(checkpoint_path, os.path.join(args.output_dir, 'model_best.pth'))
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        print(f'Max accuracy: {max_accuracy:.2f}%')
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters}
-        if output_dir:
-            log_epoch(args.output_dir, log_stats)
-
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
     print('Learned compression rate schedule:')
     log_kept_numbers(model)
     if schedule_info and output_dir and is_main_process():
@@ -243,7 +231,7 @@ def main(args, model=None):
               f"{{'{schedules.target_key(args.target_flops)}': ...}}}} in {output_dir / 'compression_rate.json'} "
               f"(evaluate with --eval --load_compression_rate --compression-rate-file "
               f"{output_dir / 'compression_rate.json'}, or --eval --resume {output_dir / 'checkpoint.pth'})")
-    return schedule_info
+    return schedule_info or None
 
 
 if __name__ == '__main__':
@@ -251,4 +239,4 @@ if __name__ == '__main__':
     args = parser.parse_args()
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    main(args)
+    run_cli(main, args)

@@ -14,6 +14,7 @@ from diffrate.main import get_args_parser, main
 from diffrate.merge import merge_by_similarity
 from diffrate.models import apply_diffrate, create_model
 from diffrate.proxy import KeptNumberProxy
+from shared.errors import UserError
 
 
 def test_proxy_uniform_init_and_mask():
@@ -203,6 +204,8 @@ def test_epoch_abbreviation_and_reference_defaults():
     assert args.epochs == 3 and args.batch_size == 256 and args.arch_lr == 0.01 and args.arch_min_lr == 0.001
     assert args.granularity == 4 and args.target_flops == 3.0 and args.dist_eval and args.weight_decay == 0.0
     assert not args.model_ema and args.output_dir == './log/temp'
+    # resuming is on by default; the reference's opt-in --autoresume still parses, --no-auto-resume switches it off
+    assert args.auto_resume and _args('--autoresume').auto_resume and not _args('--no-auto-resume').auto_resume
 
 
 def test_search_moves_flops_to_target_and_schedule_reloads(tmp_path, capsys):
@@ -255,7 +258,7 @@ def test_weights_load_local_file_and_keep_the_search_in_train_mode(tmp_path):
     assert abs(flops['w'] - 0.024) < abs(start - 0.024) - 1e-3
     assert learned['merge_kept_num'] != frozen['merge_kept_num']
     assert flops['f'] == pytest.approx(start, abs=1e-3)
-    with pytest.raises(SystemExit, match='one of --finetune'):
+    with pytest.raises((SystemExit, UserError), match='one of --finetune'):
         build_diffrate_model(_args(*search, '--weights', path, '--finetune', path))
 
 
@@ -275,7 +278,7 @@ def test_absent_schedule_names_existing_pairs_before_reading_data(tmp_path):
 def test_target_below_reachable_flops_stops_before_training(tmp_path):
     data = make_imagenet(str(tmp_path / 'imnet'), classes=2, per_class=1)
     out = tmp_path / 'out'
-    with pytest.raises(SystemExit, match='below the smallest FLOPs'):
+    with pytest.raises((SystemExit, UserError), match='below the smallest FLOPs'):
         main(_args(*COMMON, '--data-path', data, '--output_dir', out, '--target_flops', 0.001))
     assert not (out / 'checkpoint.pth').exists()
 

@@ -79,6 +79,12 @@ def test_stages_and_resume_across_a_stage_boundary(tmp_path):
     assert [e['epoch'] for e in log] == [0, 1, 2]
     assert [e['train_kept_tokens'] for e in log] == [32, 48, 64]
     assert all(e['train_total_train_time'] > 0 and 'ema_test_acc1' in e for e in log)
+    # with auto-resume switched off the folder is refused: one error line (run_cli), exit status 2, nothing touched
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != '.run.lock'}
+    r = run_script(['toe/deit/main.py', *TINY, '--epochs', '4', '--no-auto-resume', '--output_dir', out], timeout=300)
+    assert r.returncode == 2 and 'error: ' in r.stdout and 'auto-resume is off' in r.stdout, r.stdout[-3000:]
+    assert 'Traceback' not in r.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != '.run.lock'} == before
 
 
 @pytest.mark.heavy

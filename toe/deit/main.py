@@ -5,24 +5,20 @@ DeiT's trainer with one change per epoch: the TokenSelect stage is set from the 
 training, then off for evaluating the online model (on with --sparse-eval). The EMA copy is always evaluated on all
 tokens (its flag is never set in the original either).
 """
-import datetime
-import os
-import time
-
 import torch
 import torch.backends.cudnn as cudnn
 
 from shared.amp import amp_enabled
 from shared.args import deit_parser
-from shared.checkpoint import (CheckpointError, auto_resume, load_finetune, load_weights, resume, safe_load,
-                               save_checkpoint, to_timm_state_dict)
-from shared.datasets import DatasetLayoutError, build_dataset, build_loaders
-from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp
-from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, evaluate, log_epoch
+from shared.checkpoint import CheckpointError, load_finetune, load_weights, safe_load, to_timm_state_dict
+from shared.datasets import build_dataset, build_loaders
+from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp
+from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, evaluate
+from shared.errors import UserError, run_cli
+from shared.trainer import Best, Trainer
 from toe.deit.engine import train_one_epoch
 from toe.deit.models import create_model
 from toe.token_select import add_toe_args, build_token_select, check_toe_args, enter_epoch
-
 
 def get_args_parser(add_help=True):
     parser = deit_parser('ToE DeiT training and evaluation script', add_help=add_help)
@@ -55,7 +51,7 @@ def set_attn_only(model):
 def build_teacher(args, device):
     import timm
     if not args.teacher_path:
-        raise SystemExit('--distillation-type {} needs --teacher-path'.format(args.distillation_type))
+        raise UserError('--distillation-type {} needs --teacher-path'.format(args.distillation_type))
     print(f'Creating teacher model: {args.teacher_model}')
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=args.nb_classes, global_pool='avg')
     load_weights(teacher, to_timm_state_dict(safe_load(args.teacher_path)), source=args.teacher_path)
@@ -67,14 +63,11 @@ def main(args):
     print(args)
     device = torch.device(args.device)
     amp = amp_enabled(args, device)
-    seed_per_rank(args.seed)
+    seed_per_rank(args.seed, python_random=True)  # RandAugment draws from python's random
     cudnn.benchmark = True
 
-    try:
-        dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
-        dataset_val, _ = build_dataset(is_train=False, args=args)
-    except DatasetLayoutError as e:
-        raise SystemExit(f'error: {e}')
+    dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    dataset_val, _ = build_dataset(is_train=False, args=args)
     data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
     mixup_fn = build_mixup(args, args.nb_classes)
 
@@ -99,20 +92,44 @@ def main(args):
     teacher_model = build_teacher(args, device) if args.distillation_type != 'none' else None
     criterion = build_criterion(args, mixup_fn, teacher_model)
 
-    if args.output_dir and is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-    if not args.eval:
-        auto_resume(args)
-    try:
-        resume(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema)
-    except CheckpointError as e:
-        raise SystemExit(f'error: --resume {args.resume}: {e}')
     num_patches = model_without_ddp.patch_embed.num_patches
     token_select = model_without_ddp.token_select
     try:
         token_select.check_num_patches(num_patches)
     except ValueError as e:
-        raise SystemExit(f'error: {e}')
+        raise UserError(str(e)) from None
+
+    def train_epoch(epoch):
+        return train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                               args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode, args=args,
+                               amp=amp, print_freq=args.print_freq)
+
+    def evaluate_online(epoch):
+        token_select.sparse_inference = bool(args.sparse_eval)
+        return evaluate(data_loader_val, model, device, amp=amp)
+
+    def add_stage_and_ema(epoch, log_stats):
+        log_stats['expansion_stage'] = token_select.expansion_stage
+        log_stats['train_kept_tokens'] = token_select.kept_tokens(num_patches)
+        if model_ema is not None:
+            # The original updates the EMA copy's stage but sets the flag on the online model: the EMA copy's flag
+            # stays False, so the EMA is evaluated on all tokens.
+            model_ema.ema.token_select.update_current_stage(epoch)
+            ema_stats = evaluate(data_loader_val, model_ema.ema, device, amp=amp)
+            print(f"Accuracy of the model_ema on the {len(dataset_val)} test images: {ema_stats['acc1']:.2f}%")
+            log_stats.update({f'ema_test_{k}': v for k, v in ema_stats.items()})
+
+    bests = (Best(), Best(key='ema_test_acc1', filename='ema_best_checkpoint.pth', label='Max accuracy of model_ema',
+                          suffix='%\n'))
+    trainer = Trainer(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, train_loader=data_loader_train,
+                      train_epoch=train_epoch, evaluate=evaluate_online, model_ema=model_ema,
+                      n_parameters=n_parameters, bests=bests, val_images=len(dataset_val),
+                      before_epoch=lambda epoch: enter_epoch(token_select, epoch, num_patches),
+                      after_evaluate=add_stage_and_ema)
+    try:
+        trainer.resume()
+    except CheckpointError as e:
+        raise UserError(f'--resume {args.resume}: {e}') from None
 
     if args.eval:
         token_select.sparse_inference = False  # stage 0 / flag off: full tokens, as the original's --eval
@@ -122,55 +139,8 @@ def main(args):
             test_stats = evaluate(data_loader_val, model_ema.ema, device, amp=amp)
             print(f"Accuracy of the model_ema on the {len(dataset_val)} test images: {test_stats['acc1']:.2f}%")
         return test_stats
-
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    max_accuracy, ema_max_accuracy = 0.0, 0.0
-    log_stats = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            data_loader_train.sampler.set_epoch(epoch)
-        enter_epoch(token_select, epoch, num_patches)
-        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode,
-                                      args=args, amp=amp, print_freq=args.print_freq)
-        lr_scheduler.step(epoch)
-        checkpoint_state = dict(model=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler, epoch=epoch,
-                                loss_scaler=loss_scaler, model_ema=model_ema, args=args)
-        if args.output_dir:
-            save_checkpoint(os.path.join(args.output_dir, 'checkpoint.pth'), **checkpoint_state)
-
-        token_select.sparse_inference = bool(args.sparse_eval)
-        test_stats = evaluate(data_loader_val, model, device, amp=amp)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        if max_accuracy < test_stats['acc1']:
-            max_accuracy = test_stats['acc1']
-            if args.output_dir:
-                save_checkpoint(os.path.join(args.output_dir, 'best_checkpoint.pth'), **checkpoint_state)
-        print(f'Max accuracy: {max_accuracy:.2f}%')
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters,
-                     'expansion_stage': token_select.expansion_stage,
-                     'train_kept_tokens': token_select.kept_tokens(num_patches)}
-        if model_ema is not None:
-            # The original updates the EMA copy's stage but sets the flag on the online model: the EMA copy's flag
-            # stays False, so the EMA is evaluated on all tokens.
-            model_ema.ema.token_select.update_current_stage(epoch)
-            ema_test_stats = evaluate(data_loader_val, model_ema.ema, device, amp=amp)
-            print(f"Accuracy of the model_ema on the {len(dataset_val)} test images: {ema_test_stats['acc1']:.2f}%")
-            if ema_max_accuracy < ema_test_stats['acc1']:
-                ema_max_accuracy = ema_test_stats['acc1']
-                if args.output_dir:
-                    save_checkpoint(os.path.join(args.output_dir, 'ema_best_checkpoint.pth'), **checkpoint_state)
-            print(f'Max accuracy of model_ema: {ema_max_accuracy:.2f}%\n')
-            log_stats.update({f'ema_test_{k}': v for k, v in ema_test_stats.items()})
-        log_epoch(args.output_dir, log_stats)
-
-    total_time = time.time() - start_time
-    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
-    return log_stats
+    return trainer.fit()
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    run_cli(main, parse_args())
