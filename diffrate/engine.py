@@ -31,8 +31,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     arch_parameters = list(unwrap_model(model).arch_parameters())
 
     for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        samples, targets = samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
