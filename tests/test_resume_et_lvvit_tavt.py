@@ -1,6 +1,7 @@
 """Resume contract of the three training scripts that keep their originals' own checkpoint formats (TAVT here):
 a run interrupted after a saved state and rerun into the same output dir ends exactly where an uninterrupted run
 ends, its log holds each validation once, and a diverging run stops before it overwrites anything."""
+import json
 import os
 import sys
 
@@ -169,3 +170,71 @@ def test_tavt_no_auto_resume_refuses_existing_state(tmp_path, monkeypatch):
     with pytest.raises(UserError, match='auto-resume is off'):
         train.main(_tavt_argv('out', '--num_steps', '2', '--eval_every', '2', '--no_auto_resume'))
     assert _snapshot('out') == before
+
+
+# ---- ToE inside EfficientTrain
+
+def _et_args(out, *extra):
+    from toe.EfficientTrain.main import parse_args
+    args = parse_args(['--model', 'vit_digits_patch4_32', '--data_set', 'FAKE', '--base_input_size', '32',
+                       '--input_size', '24', '--batch_size', '4', '--update_freq', '2', '--num_workers', '0',
+                       '--device', 'cpu', '--output_dir', str(out), '--epochs', '3', '--end_epoch', '3',
+                       '--warmup_epochs', '1', '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8', '--cutmix', '1.0',
+                       '--model_ema', 'true', '--model_ema_eval', 'true', '--save_ckpt_num', '2',
+                       '--expansion-step', '0', '1', '2', '--keep-rate', '0.6', '0.8', '1.0',
+                       '--initialization-keep-rate', '0.3', '--expansion-multiple-stage', '2', *extra])
+    args.fake_size, args.fake_classes = 32, 4
+    return args
+
+
+def _assert_same_checkpoint(a, b, keys=('model', 'optimizer', 'model_ema', 'scaler')):
+    for key in keys:
+        fa, fb = _flat(a.get(key)), _flat(b.get(key))
+        assert fa.keys() == fb.keys(), key
+        for name in fa:
+            same = torch.equal(fa[name], fb[name]) if torch.is_tensor(fa[name]) else fa[name] == fb[name]
+            assert same, (key, name)
+
+
+def test_efficienttrain_killed_and_rerun_equals_straight_run(tmp_path, monkeypatch):
+    from toe.EfficientTrain import main as et
+    et.main(_et_args(tmp_path / 'straight'))
+    real_epoch = et.train_one_epoch
+
+    def killed_in_epoch_2(*args, **kwargs):
+        if args[5] == 2:
+            raise Interrupted
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(et, 'train_one_epoch', killed_in_epoch_2)
+    with pytest.raises(Interrupted):
+        et.main(_et_args(tmp_path / 'resumed'))
+    with open(tmp_path / 'resumed' / 'log.txt', 'a') as f:
+        f.write('{"epoch": 2}\n')  # as if killed between the log line and the checkpoint of a later epoch
+    monkeypatch.undo()
+    et.main(_et_args(tmp_path / 'resumed'))
+    # --save_ckpt_num 2 keeps the last two numbered checkpoints
+    for run in ('straight', 'resumed'):
+        names = sorted(n for n in os.listdir(tmp_path / run) if n.startswith('checkpoint'))
+        assert names == ['checkpoint-1.pth', 'checkpoint-2.pth', 'checkpoint-best-ema.pth', 'checkpoint-best.pth'] \
+            or names == ['checkpoint-1.pth', 'checkpoint-2.pth', 'checkpoint-best.pth']
+    a, b = _load(tmp_path / 'straight' / 'checkpoint-2.pth'), _load(tmp_path / 'resumed' / 'checkpoint-2.pth')
+    _assert_same_checkpoint(a, b)
+    assert a['best'] == b['best'] and len(a['log']) == 3
+
+    def log_without_timing(run):  # train_total_train_time is wall-clock time
+        lines = [json.loads(line) for line in (tmp_path / run / 'log.txt').read_text().splitlines()]
+        return [{k: v for k, v in e.items() if k != 'train_total_train_time'} for e in lines]
+    assert log_without_timing('straight') == log_without_timing('resumed')
+    assert [e['epoch'] for e in log_without_timing('resumed')] == [0, 1, 2]
+    assert log_without_timing('resumed') == [{k: v for k, v in e.items() if k != 'train_total_train_time'}
+                                             for e in b['log']]
+
+
+def test_efficienttrain_auto_resume_false_refuses_existing_checkpoint(tmp_path, monkeypatch):
+    from shared.errors import UserError
+    from toe.EfficientTrain import main as et
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'checkpoint-0.pth').write_bytes(b'x')
+    with pytest.raises(UserError, match='--auto_resume is false'):
+        et.main(_et_args(tmp_path / 'out', '--auto_resume', 'false'))
+    assert (tmp_path / 'out' / 'checkpoint-0.pth').read_bytes() == b'x'

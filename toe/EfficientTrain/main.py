@@ -10,11 +10,15 @@ at 160/192/224), so ToE sees N = 100/144/196. LR and weight decay follow per-ite
 the loop stops at --end_epoch, gradients accumulate over --update_freq. Auto-resume takes the highest
 `checkpoint-<n>.pth` of --output_dir and, when the grid changed between chunks, resizes `pos_embed` and its Adam
 moments bilinearly (update_ckpt). Only the DeiT models (the ones ET_training.py gives ToE settings) are built here.
+
+Checkpoints are written after evaluation and hold every rank's RNG states, the best accuracies and the log history: a
+run killed inside a chunk and restarted continues bit-identical to an uninterrupted one (log.txt restored from the
+checkpoint), while a new chunk starts from fresh seeds and bests as the original's chunks do. `--auto_resume false`
+refuses an output dir that already holds a numbered checkpoint. A NaN/Inf loss or weight stops before any save.
 """
 import argparse
 import datetime
 import glob
-import json
 import math
 import os
 import time
@@ -24,12 +28,16 @@ import torch
 
 from shared.amp import NativeScaler, autocast
 from shared.args import str2bool
-from shared.checkpoint import CheckpointError, atomic_save, load_weights, safe_load, to_timm_state_dict
+from shared.checkpoint import (CheckpointError, atomic_save, load_weights, safe_load, save_checkpoint, set_rng_state,
+                               to_timm_state_dict)
 from shared.datasets import DatasetLayoutError, build_dataset
-from shared.distributed import (all_reduce_mean, get_world_size, init_distributed_mode, is_main_process,
+from shared.distributed import (all_reduce_mean, get_rank, get_world_size, init_distributed_mode, is_main_process,
                                 seed_per_rank, wrap_ddp)
 from shared.engine import build_mixup, build_model_ema, evaluate
+from shared.errors import UserError, run_cli
 from shared.metrics import MetricLogger, SmoothedValue
+from shared.rundir import RunDir
+from shared.trainer import check_finite_loss, check_finite_weights
 from toe.deit.models import ARCHS, create_model
 from toe.token_select import add_toe_args, build_token_select, check_toe_args, enter_epoch
 
@@ -182,48 +190,90 @@ def _resize(pos_embed, new_side):
     return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
 
 
+def latest_numbered_checkpoint(output_dir):
+    numbered = [int(p.rsplit('-', 1)[1][:-4]) for p in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth'))
+                if p.rsplit('-', 1)[1][:-4].isdigit()]
+    return os.path.join(output_dir, f'checkpoint-{max(numbered)}.pth') if numbered else ''
+
+
 def auto_load_model(args, model, optimizer, loss_scaler, model_ema):
+    """Load --resume (or, with --auto_resume, the highest checkpoint-<n>.pth). Returns the checkpoint dict or None."""
+    latest = latest_numbered_checkpoint(args.output_dir) if args.output_dir else ''
     if args.auto_resume and not args.resume and args.output_dir:
-        numbered = [int(p.rsplit('-', 1)[1][:-4]) for p in glob.glob(os.path.join(args.output_dir, 'checkpoint-*.pth'))
-                    if p.rsplit('-', 1)[1][:-4].isdigit()]
-        if numbered:
-            args.resume = os.path.join(args.output_dir, f'checkpoint-{max(numbered)}.pth')
+        args.resume = latest
         print(f'Auto resume checkpoint: {args.resume}')
+    elif latest and not args.resume and not args.eval:
+        raise UserError(f'{latest} holds an earlier run and --auto_resume is false: continue it with --auto_resume '
+                        'true, or pass another --output_dir')
     if not args.resume:
-        return
+        return None
     try:
         checkpoint = safe_load(args.resume)
         if tuple(checkpoint['model']['pos_embed'].shape) != tuple(model.pos_embed.shape):
             checkpoint = update_ckpt(checkpoint, model)
         load_weights(model, checkpoint['model'], source=args.resume)
     except (OSError, KeyError, CheckpointError) as e:
-        raise SystemExit(f'error: --resume {args.resume}: {e}')
+        raise UserError(f'--resume {args.resume}: {e}') from None
     print(f'Resume checkpoint {args.resume}')
     if 'optimizer' in checkpoint and 'epoch' in checkpoint:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if isinstance(checkpoint['epoch'], str):
             if not args.eval:
-                raise SystemExit(f"error: --resume {args.resume} is a '{checkpoint['epoch']}' checkpoint; resume "
-                                 'training from a numbered checkpoint-<epoch>.pth')
+                raise UserError(f"--resume {args.resume} is a '{checkpoint['epoch']}' checkpoint; resume "
+                                'training from a numbered checkpoint-<epoch>.pth')
         else:
             args.start_epoch = checkpoint['epoch'] + 1
         if model_ema is not None:
             model_ema.ema.load_state_dict(checkpoint.get('model_ema', checkpoint['model']), strict=False)
         if 'scaler' in checkpoint and loss_scaler is not None:
             loss_scaler.load_state_dict(checkpoint['scaler'])
+    return checkpoint
+
+
+def same_chunk(checkpoint, args):
+    """Whether `checkpoint` was written by an earlier process of this very chunk (a restart after a kill) rather than
+    by the previous chunk, which this one follows from fresh seeds and bests, as the original's chunks do."""
+    saved = checkpoint.get('args')
+    return (isinstance(checkpoint.get('epoch'), int) and 'rng' in checkpoint and saved is not None
+            and (getattr(saved, 'end_epoch', None), getattr(saved, 'input_size', None)) == (args.end_epoch,
+                                                                                            args.input_size))
+
+
+def restore_run_state(checkpoint, args):
+    """RNG states and bests of a restarted chunk. Returns (max_accuracy, max_accuracy_ema, log history)."""
+    history = list(checkpoint.get('log', [])) if checkpoint is not None and not args.eval else []
+    if checkpoint is None or args.eval or not same_chunk(checkpoint, args):
+        return 0.0, 0.0, history
+    states = checkpoint['rng']
+    if len(states) != get_world_size():
+        raise UserError(f'{args.resume} was written by {len(states)} processes, this run has {get_world_size()}: '
+                        'restart with the same number of processes')
+    set_rng_state(states[get_rank()])
+    best = checkpoint.get('best', {})
+    return best.get('max_accuracy', 0.0), best.get('max_accuracy_ema', 0.0), history
+
+
+def save_epoch_checkpoint(args, epoch, model, optimizer, loss_scaler, model_ema, best, history):
+    """checkpoint-<epoch>.pth with every rank's RNG states (call on every rank), the bests and the log history; the
+    checkpoint --save_ckpt_num saves back is removed."""
+    check_finite_weights(model)
+    save_checkpoint(os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'), model=model, optimizer=optimizer,
+                    epoch=epoch, loss_scaler=loss_scaler, model_ema=model_ema, args=args, best=best, log=list(history))
+    if is_main_process():
+        old = os.path.join(args.output_dir, f'checkpoint-{epoch - args.save_ckpt_freq * args.save_ckpt_num}.pth')
+        if os.path.exists(old):
+            os.remove(old)
 
 
 def save_model(args, epoch, model, optimizer, loss_scaler, model_ema=None):
+    """checkpoint-best.pth / checkpoint-best-ema.pth, in the original's format."""
+    check_finite_weights(model)
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
              'scaler': loss_scaler.state_dict(), 'args': args}
     if model_ema is not None:
         state['model_ema'] = model_ema.ema.state_dict()
     if is_main_process():
         atomic_save(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
-        if isinstance(epoch, int):
-            old = os.path.join(args.output_dir, f'checkpoint-{epoch - args.save_ckpt_freq * args.save_ckpt_num}.pth')
-            if os.path.exists(old):
-                os.remove(old)
 
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_scaler, max_norm, model_ema, mixup_fn,
@@ -253,8 +303,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, loss_sca
         with autocast(device, args.amp):
             loss = criterion(model(samples), targets)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise SystemExit(f'Loss is {loss_value}, stopping training')
+        check_finite_loss(loss_value, epoch, step=i)
         update = (i + 1) % update_freq == 0
         grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm, parameters=model.parameters(),
                                 need_update=update)
@@ -281,7 +330,7 @@ def main(args):
     print(args)
     device = torch.device(args.device)
     args.amp = bool(args.use_amp) and device.type == 'cuda'
-    seed_per_rank(args.seed)
+    seed_per_rank(args.seed, python_random=True)  # RandAugment draws from python's random
 
     # images are read at base_input_size; the model is built for input_size
     data_args = argparse.Namespace(**{**vars(args), 'input_size': args.base_input_size, 'data_set': (
@@ -292,7 +341,7 @@ def main(args):
         dataset_train, nb_classes = build_dataset(True, data_args)
         dataset_val, _ = build_dataset(False, data_args) if not args.disable_eval else (None, None)
     except DatasetLayoutError as e:
-        raise SystemExit(f'error: {e}')
+        raise UserError(str(e)) from None
     if args.data_set in ('DIGITS', 'FAKE'):
         args.nb_classes = nb_classes
     if args.distributed:
@@ -316,7 +365,7 @@ def main(args):
     try:
         model.token_select.check_num_patches(num_patches)
     except ValueError as e:
-        raise SystemExit(f'error: {e}')
+        raise UserError(str(e)) from None
     if args.finetune:
         state = to_timm_state_dict(safe_load(args.finetune))
         for k in ('head.weight', 'head.bias'):
@@ -333,7 +382,7 @@ def main(args):
     total_batch_size = args.batch_size * args.update_freq * get_world_size()
     steps_per_epoch = len(dataset_train) // total_batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f'error: {len(dataset_train)} training images are fewer than one global batch of '
+        raise UserError(f'{len(dataset_train)} training images are fewer than one global batch of '
                          f'{total_batch_size} (batch x update_freq x processes)')
     print(f'LR = {args.lr:.8f}, batch size = {total_batch_size}, update frequency = {args.update_freq}, '
           f'training examples = {len(dataset_train)}, training steps per epoch = {steps_per_epoch}')
@@ -351,9 +400,12 @@ def main(args):
         from timm.loss import LabelSmoothingCrossEntropy
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
 
-    if args.output_dir and is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-    auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema)
+    run_dir = RunDir(args.output_dir, active=is_main_process() and not args.eval)
+    run_dir.acquire()
+    checkpoint = auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema)
+    max_accuracy, max_accuracy_ema, history = restore_run_state(checkpoint, args)
+    if history:
+        run_dir.restore_log(history)
     token_select = model_without_ddp.token_select
 
     def eval_forward(m, images):
@@ -365,7 +417,18 @@ def main(args):
         token_select.sparse_inference = False
         return evaluate(loader_val, model, device, amp=args.amp, forward_fn=eval_forward)
 
-    max_accuracy = max_accuracy_ema = 0.0
+    try:
+        train_chunk(args, model, model_without_ddp, criterion, loader_train, loader_val, optimizer, device,
+                    loss_scaler, model_ema, mixup_fn, lr_values, wd_values, steps_per_epoch, n_parameters,
+                    token_select, num_patches, eval_forward, len(dataset_val) if dataset_val is not None else 0,
+                    max_accuracy, max_accuracy_ema, history, run_dir)
+    finally:
+        run_dir.release()
+
+
+def train_chunk(args, model, model_without_ddp, criterion, loader_train, loader_val, optimizer, device, loss_scaler,
+                model_ema, mixup_fn, lr_values, wd_values, steps_per_epoch, n_parameters, token_select, num_patches,
+                eval_forward, num_val_images, max_accuracy, max_accuracy_ema, history, run_dir):
     print(f'Start training for {args.epochs} epochs (this run stops before epoch {args.end_epoch})')
     start_time = time.time()
     for epoch in range(args.start_epoch, args.end_epoch):
@@ -375,16 +438,13 @@ def main(args):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
                                       args.clip_grad, model_ema, mixup_fn, epoch * steps_per_epoch, lr_values,
                                       wd_values, steps_per_epoch, args)
-        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or
-                                                   epoch + 1 == args.epochs):
-            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema)
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
                      'n_parameters': n_parameters, 'expansion_stage': token_select.expansion_stage,
                      'train_kept_tokens': token_select.kept_tokens(num_patches), 'input_size': args.input_size}
         if loader_val is not None:
             token_select.sparse_inference = bool(args.sparse_eval)
             test_stats = evaluate(loader_val, model, device, amp=args.amp, forward_fn=eval_forward)
-            print(f"Accuracy of the model on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+            print(f"Accuracy of the model on the {num_val_images} test images: {test_stats['acc1']:.1f}%")
             if max_accuracy < test_stats['acc1']:
                 max_accuracy = test_stats['acc1']
                 if args.output_dir and args.save_ckpt:
@@ -400,11 +460,15 @@ def main(args):
                     if args.output_dir and args.save_ckpt:
                         save_model(args, 'best-ema', model_without_ddp, optimizer, loss_scaler, model_ema)
                 log_stats.update({f'test_{k}_ema': v for k, v in ema_stats.items()})
-        if args.output_dir and is_main_process():
-            with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
-                f.write(json.dumps(log_stats) + '\n')
+        history.append(log_stats)
+        # after evaluation, whose loader draws from torch's generator: a restart continues with the same draws
+        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0 or
+                                                   epoch + 1 == args.epochs):
+            best = {'max_accuracy': max_accuracy, 'max_accuracy_ema': max_accuracy_ema}
+            save_epoch_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema, best, history)
+        run_dir.append_log(log_stats)
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(time.time() - start_time)))))
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    run_cli(main, parse_args())
