@@ -22,7 +22,8 @@ from diffrate.engine import evaluate, log_kept_numbers, train_one_epoch  # noqa:
 from diffrate.models import apply_diffrate, create_model, patch_kind  # noqa: E402
 from shared import args as shared_args  # noqa: E402
 from shared.amp import NativeScaler, amp_enabled  # noqa: E402
-from shared.checkpoint import load_weights, safe_load, to_timm_state_dict  # noqa: E402
+from shared.args import CheckedArgumentParser, check_finite_weights, check_train_batches, load_checkpoint  # noqa: E402
+from shared.checkpoint import load_weights, to_timm_state_dict  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
 from shared.distributed import init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp  # noqa: E402
 from shared.engine import build_criterion, build_mixup, scale_lr  # noqa: E402
@@ -30,13 +31,15 @@ from shared.errors import UserError, run_cli  # noqa: E402
 from shared.trainer import Best, Trainer  # noqa: E402
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('DiffRate search and evaluation script', add_help=False)
+    parser = CheckedArgumentParser('DiffRate search and evaluation script', add_help=False)
     for add in shared_args.DEIT_GROUPS:
         add(parser)
     # the reference's defaults where they differ from DeiT's
     parser.set_defaults(batch_size=256, model_ema=False, weight_decay=0.0, color_jitter=0.4, output_dir='./log/temp',
                         dist_eval=True, num_workers=10)
     g = parser.add_argument_group('DiffRate')
+    # the reference's README spells --epoch, which its parser took as an abbreviation of --epochs
+    g.add_argument('--epoch', dest='epochs', type=int, default=argparse.SUPPRESS, help='the same as --epochs')
     g.add_argument('--multi-reso', default=False, action='store_true', help='unused (parsed as the reference does)')
     g.add_argument('--arch-lr', type=float, default=0.01, metavar='LR',
                    help='AdamW learning rate of the architecture parameters')
@@ -62,12 +65,26 @@ def get_args_parser():
                         'or a timm state dict); loaded as --finetune loads them, but the search stays in train mode '
                         'as the reference\'s does with its downloaded pretrained weights (its --finetune switches the '
                         'search to eval mode, where nothing is learned)')
+    g.add_argument('--allow-random-weights', action='store_true',
+                   help='let a search run on randomly initialised weights when no weights are given (tests); '
+                        'otherwise it stops and asks for --weights')
     return parser
 
 
-def build_diffrate_model(args):
+def check_args(args, parser):
+    """DiffRate's own usage errors (the shared ones are checked by the parser); the README's `caformer-s36`
+    spelling is the model caformer_s36."""
+    if args.model.replace('-', '_') in schedules.MODEL_KEYS:
+        args.model = args.model.replace('-', '_')
+    if args.target_flops <= 0:
+        parser.error(f'--target_flops {args.target_flops}: must be a positive number of GFLOPs')
+    return args
+
+
+def build_diffrate_model(args, require_weights=False):
     """Model of --model with --drop/--drop-path and the dataset's classes, patched; weights from --finetune or
-    --weights, else timm's cached pretrained weights when present, else random (said loudly)."""
+    --weights, else timm's cached pretrained weights when present, else random: said loudly, or refused
+    (UserError) with `require_weights`."""
     patch_kind(args.model)  # unsupported names stop before anything is built
     weights = getattr(args, 'weights', '')
     if args.finetune and weights:
@@ -85,14 +102,19 @@ def build_diffrate_model(args):
             print(f'| pretrained weights of {args.model} unavailable here ({type(e).__name__}); using RANDOM weights '
                   '(pass --weights <checkpoint> to load weights)')
     if model is None:
+        if not source and require_weights:
+            raise UserError(f'no weights for {args.model}: neither --weights nor --finetune was given and timm has '
+                            'no cached pretrained weights for it, so the search would learn a schedule for random '
+                            'weights. Pass --weights <checkpoint> (or --allow-random-weights to run it anyway)')
         if not source and 'mae' in args.model:
             print(f'| {args.model}: no weights given; using RANDOM weights (pass --weights '
                   'mae_finetuned_vit_*.pth to load the MAE fine-tuned model)')
         model = create_model(args.model, **kwargs)
     apply_diffrate(model, args.model, args.granularity)
     if source:
-        checkpoint = safe_load(source)
+        checkpoint = load_checkpoint(source, flag)
         state_dict = to_timm_state_dict(checkpoint, model if hasattr(model, 'pos_embed') else None)
+        check_finite_weights(state_dict, source, flag)
         own = model.state_dict()
         for k in ['head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias']:
             if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
@@ -106,21 +128,26 @@ def build_diffrate_model(args):
     return model
 
 
-def smallest_reachable_gflops(model):
-    """GFLOPs with every compressible proxy at its smallest candidate."""
+def reachable_gflops(model, pick=min):
+    """GFLOPs with every compressible proxy at its smallest candidate (pick=min), or its largest (pick=max: the
+    uncompressed model)."""
     saved = model.get_kept_num()
-    smallest = []
+    kept = []
     for block_proxies in ([b.prune_ddp for b in model.blocks], [b.merge_ddp for b in model.blocks]) \
             if hasattr(model, 'blocks') else ([], [b.merge_ddp for b in model.compressed_blocks()]):
-        smallest.append([int(p.kept_token_candidate.min()) + p.class_token_num for p in block_proxies] or None)
+        kept.append([int(pick(p.kept_token_candidate)) + p.class_token_num for p in block_proxies] or None)
     if hasattr(model, 'blocks'):
-        model.set_kept_num(*smallest)
+        model.set_kept_num(*kept)
         gflops = model.calculate_flop_inference() / 1e9
         model.set_kept_num(*saved)
     else:
         from diffrate.flops import caformer_gflops
-        gflops = caformer_gflops(*model._geometry(), smallest[1])
+        gflops = caformer_gflops(*model._geometry(), kept[1])
     return gflops
+
+
+def smallest_reachable_gflops(model):
+    return reachable_gflops(model, min)
 
 
 def save_schedule(args, model, epoch=None):
@@ -133,10 +160,11 @@ def save_schedule(args, model, epoch=None):
             'target_flops': args.target_flops, 'epoch': epoch}
 
 
-def main(args, model=None):
+def main(args, model=None, require_weights=False):
     """The entry script's run. `model`: an already patched DiffRate model holding its weights (Python callers such as
     diffrate/compare.py, whose baseline is not one of the reference's names); it replaces --model/--finetune, so that
-    the search runs in train mode as the reference's does without --finetune."""
+    the search runs in train mode as the reference's does without --finetune. `require_weights` (the command line,
+    unless --allow-random-weights): a search without weights stops instead of running on random ones."""
     init_distributed_mode(args)
     print(args)
     device = torch.device(args.device)
@@ -151,6 +179,8 @@ def main(args, model=None):
         schedule = schedules.lookup(args.model, args.target_flops, args.compression_rate_file)
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    if not args.eval:
+        check_train_batches(dataset_train, args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
     # the reference's loaders: distributed samplers even as a world of one, eval at the training batch size, workers
     # kept between epochs
@@ -160,7 +190,7 @@ def main(args, model=None):
 
     if model is None:
         print(f'Creating model: {args.model}')
-        model = build_diffrate_model(args)
+        model = build_diffrate_model(args, require_weights=require_weights and not args.eval)
     if args.load_compression_rate:
         model.set_kept_num(*schedule)
     if not args.eval:
@@ -168,6 +198,10 @@ def main(args, model=None):
         if args.target_flops < floor:
             raise UserError(f'--target_flops {args.target_flops} is below the smallest FLOPs {floor:.3f}G that '
                             f'{args.model} can reach with --granularity {args.granularity}')
+        full = reachable_gflops(model, max)
+        if args.target_flops > full:
+            raise UserError(f'--target_flops {args.target_flops} is above the FLOPs of the full {args.model} '
+                            f'({full:.3f}G at --input-size {args.input_size}): nothing to search; give a smaller target')
     # the network is frozen: only the proxies' logits learn (the reference leaves requires_grad on and simply
     # keeps the weights out of the optimizer; the architecture gradients are the same)
     for p in model.parameters():
@@ -235,8 +269,8 @@ def main(args, model=None):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('DiffRate search and evaluation script', parents=[get_args_parser()])
-    args = parser.parse_args()
+    parser = CheckedArgumentParser('DiffRate search and evaluation script', parents=[get_args_parser()])
+    args = check_args(parser.parse_args(), parser)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    run_cli(main, args)
+    run_cli(main, args, require_weights=not args.allow_random_weights)

@@ -1,11 +1,18 @@
-"""DeiT's command line as argument groups.
+"""DeiT's command line as argument groups, and the checks of what a user passed.
 
 Each method's entry script builds its parser from these groups, sets its original's defaults with
 `parser.set_defaults(...)`, then adds its own flags. Spellings are DeiT's, dashes and underscores mixed exactly as
-upstream (`--batch-size` but `--output_dir`), because argparse does not alias the two.
+upstream (`--batch-size` but `--output_dir`), because argparse does not alias the two. Parsers never accept
+abbreviations (`allow_abbrev=False`): a prefix that silently means another flag is worse than an error.
+
+After parsing, `validate_common(args, parser)` refuses values that cannot mean anything (`--epochs 0`, a negative
+`--r`, an input size that is not a whole number of patches, an unknown `--data-set`) as a usage error, before any data
+or weights are read; `check_train_batches` and `check_finite_weights` catch what is only known later.
 """
 import argparse
+import math
 import os
+import re
 
 
 def str2bool(v):
@@ -164,11 +171,150 @@ DEIT_GROUPS = (add_model_args, add_optimizer_args, add_scheduler_args, add_augme
                add_distillation_args, add_finetune_args, add_data_args, add_run_args, add_distributed_args)
 
 
+class CheckedArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser without abbreviations that runs `validate_common` on what it parsed."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        validate_common(parsed, self)
+        return parsed, extras
+
+
 def deit_parser(description='DeiT training and evaluation script', add_help=True, **defaults):
-    """DeiT's full parser; keyword arguments override defaults (by dest name)."""
-    parser = argparse.ArgumentParser(description, add_help=add_help)
+    """DeiT's full parser (checked: see validate_common); keyword arguments override defaults (by dest name)."""
+    parser = CheckedArgumentParser(description, add_help=add_help)
     for add in DEIT_GROUPS:
         add(parser)
     if defaults:
         parser.set_defaults(**defaults)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks of what the user passed
+
+# dests (of any script's parser) whose every value must be >= 1, resp. >= 0
+POSITIVE = ('epochs', 'batch_size', 'input_size', 'img_size', 'granularity', 'runs', 'rounds', 'num_steps',
+            'eval_every', 'gradient_accumulation_steps', 'baseline_epochs', 'throughput_batch', 'fake_size',
+            'fake_classes', 'batch_sizes')
+NON_NEGATIVE = ('r', 'tome_r', 'warmup', 'num_workers', 'threads', 'warmup_epochs', 'start_epoch')
+
+
+def flag_of(parser, dest):
+    """The first option string of `dest` in `parser` (what the user typed), or --dest."""
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            long = [o for o in action.option_strings if o.startswith('--')]
+            return (long or action.option_strings)[0]
+    return '--' + dest
+
+
+def _values(value):
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+def patch_size_of(model_name):
+    """The patch size a model name states (`deit_small_patch16_224` -> 16), else None (e.g. CAFormer, LV-ViT)."""
+    match = re.search(r'patch(\d+)', str(model_name or ''))
+    return int(match.group(1)) if match else None
+
+
+def known_data_sets():
+    from shared.datasets import DATA_SETS, FINE_GRAINED
+    return tuple(dict.fromkeys((*DATA_SETS, 'CIFAR100', *FINE_GRAINED)))
+
+
+def validate_common(args, parser):
+    """parser.error (usage, exit 2) on values no run can use; only the attributes `args` has are checked."""
+    given = vars(args)
+    for dest in POSITIVE:
+        for v in _values(given.get(dest)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1:
+                parser.error(f'{flag_of(parser, dest)} {v}: must be at least 1')
+    for dest in NON_NEGATIVE:
+        for v in _values(given.get(dest)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                parser.error(f'{flag_of(parser, dest)} {v}: must not be negative')
+    for dest in ('lr', 'smoothing', 'drop', 'drop_path', 'reprob', 'mixup', 'cutmix', 'mixup_prob'):
+        v = given.get(dest)
+        if isinstance(v, float) and not math.isfinite(v):
+            parser.error(f'{flag_of(parser, dest)} {v}: must be a finite number')
+    for dest in ('drop', 'drop_path', 'reprob', 'smoothing', 'mixup_prob', 'mixup_switch_prob',
+                 'length_drop_ratio_bound'):
+        v = given.get(dest)
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            parser.error(f'{flag_of(parser, dest)} {v}: must lie in [0, 1]')
+    data_set = given.get('data_set')
+    if data_set is not None and str(data_set).upper() not in known_data_sets():
+        parser.error(f'unknown --data-set {data_set}; expected one of {", ".join(known_data_sets())}')
+    size, patch = given.get('input_size'), patch_size_of(given.get('model'))
+    if isinstance(size, int) and patch and size % patch:
+        parser.error(f'{flag_of(parser, "input_size")} {size} is not a multiple of the patch size {patch} of '
+                     f'--model {given.get("model")}; use e.g. {max(patch, size // patch * patch)}')
+
+
+def check_train_batches(dataset_train, args, drop_last=True):
+    """A training set smaller than one batch per process trains nothing when the last incomplete batch is dropped:
+    say so (UserError naming --batch-size and the set's size) instead of running empty epochs."""
+    from shared.distributed import get_world_size
+    from shared.errors import UserError
+    world = get_world_size()
+    per_process = len(dataset_train) // world
+    if drop_last and per_process < args.batch_size:
+        where = f' ({per_process} per process over {world})' if world > 1 else ''
+        raise UserError(f'--batch-size {args.batch_size} is larger than the training set of --data-set '
+                        f'{args.data_set}: {len(dataset_train)} images{where}; an epoch would have no full batch. '
+                        'Lower --batch-size or use a larger set')
+
+
+def check_finite_weights(state_dict, source, flag=None):
+    """Refuse weights holding NaN or Inf (UserError naming the file and the first such tensors): training or
+    evaluating them only produces NaN."""
+    import torch
+    from shared.errors import UserError
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+        raise UserError(f'{flag + " " if flag else ""}{source}: non-finite (NaN/Inf) values in {shown}; '
+                        'these weights are broken, refusing them')
+
+
+def check_checkpoint_file(path, flag):
+    """UserError naming `flag` when `path` is missing or is a text file (torch would report a bare KeyError)."""
+    from shared.errors import UserError
+    path = os.fspath(path)
+    if str(path).startswith(('http://', 'https://')):
+        return  # safe_load explains that nothing is downloaded
+    if not os.path.isfile(path):
+        raise UserError(f'{flag} {path}: no such file')
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if head.startswith((b'PK\x03\x04', b'\x80', b'\x93NUMPY')):  # zip (torch, .npz), pickle, .npy
+        return
+    try:
+        text = head.decode('utf-8')
+    except UnicodeDecodeError:
+        return
+    if not head or all(c.isprintable() or c.isspace() for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ''
+        raise UserError(f'{flag} {path}: a text file{f" (starting {first!r})" if first else " (empty)"}, not a '
+                        'torch checkpoint; pass the .pth/.bin weights file')
+
+
+def load_checkpoint(path, flag):
+    """shared.checkpoint.safe_load after check_checkpoint_file; any other unreadable file becomes a UserError
+    naming `flag` and the file."""
+    from shared.checkpoint import CheckpointError, safe_load
+    from shared.errors import UserError
+    check_checkpoint_file(path, flag)
+    try:
+        return safe_load(path)
+    except CheckpointError as e:
+        raise UserError(f'{flag}: {e}') from None
+    except (KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise UserError(f'{flag} {path}: not a torch checkpoint ({type(e).__name__}: {e})') from None

@@ -9,8 +9,9 @@ import torch
 import torch.backends.cudnn as cudnn
 
 from shared.amp import amp_enabled
-from shared.args import deit_parser
-from shared.checkpoint import CheckpointError, load_finetune, load_weights, safe_load, to_timm_state_dict
+from shared.args import (check_checkpoint_file, check_finite_weights, check_train_batches, deit_parser,
+                         load_checkpoint)
+from shared.checkpoint import CheckpointError, load_finetune, load_weights, to_timm_state_dict
 from shared.datasets import build_dataset, build_loaders
 from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp
 from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, evaluate
@@ -54,7 +55,9 @@ def build_teacher(args, device):
         raise UserError('--distillation-type {} needs --teacher-path'.format(args.distillation_type))
     print(f'Creating teacher model: {args.teacher_model}')
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=args.nb_classes, global_pool='avg')
-    load_weights(teacher, to_timm_state_dict(safe_load(args.teacher_path)), source=args.teacher_path)
+    state_dict = to_timm_state_dict(load_checkpoint(args.teacher_path, '--teacher-path'))
+    check_finite_weights(state_dict, args.teacher_path, '--teacher-path')
+    load_weights(teacher, state_dict, source=args.teacher_path)
     return teacher.to(device).eval()
 
 
@@ -66,7 +69,15 @@ def main(args):
     seed_per_rank(args.seed, python_random=True)  # RandAugment draws from python's random
     cudnn.benchmark = True
 
+    # files named on the command line are checked before any data is read
+    teacher_path = args.teacher_path if args.distillation_type != 'none' else ''
+    for flag, path in (('--finetune', args.finetune), ('--resume', args.resume), ('--teacher-path', teacher_path)):
+        if path:
+            check_checkpoint_file(path, flag)
+
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    if not args.eval:
+        check_train_batches(dataset_train, args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
     data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val)
     mixup_fn = build_mixup(args, args.nb_classes)
@@ -77,6 +88,8 @@ def main(args):
     model.token_select = build_token_select(args)
     if args.finetune:
         load_finetune(model, args.finetune)
+        # the freshly initialised tensors are finite, so anything non-finite came from the file
+        check_finite_weights(model.state_dict(), args.finetune, '--finetune')
     if args.attn_only:
         set_attn_only(model)
     model.to(device)
