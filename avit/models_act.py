@@ -224,6 +224,9 @@ class AdaptiveVisionTransformer(VisionTransformer):
             if i == depth - 1:
                 break
             going_on = c < threshold
+            if torch.compiler.is_compiling():
+                states, pos, c, bias = self._pack_without_host_sync(y, pos, c, going_on)
+                continue
             if B == 1:  # no padding: keep the tokens that go on, in order
                 keep = going_on.view(-1).nonzero().squeeze(1)
                 if keep.numel() == 0:
@@ -279,6 +282,24 @@ class AdaptiveVisionTransformer(VisionTransformer):
         self.rho_token = self.counter_token + remainder.view(B, N)
         self.halting_score_layer = []
         return self.norm(output)
+
+    @staticmethod
+    def _pack_without_host_sync(y, pos, c, going_on):
+        """The loop's packing step for torch.compile: no branch on the data, so the graph does not break. The packed
+        length stays a tensor until it sizes the slice (an unbacked size: compile with
+        `torch._dynamo.config.capture_scalar_outputs = True`). It is at least 1: when every token has halted a lone
+        padding slot (c = 1, every key masked) goes on, and like all padding it adds exactly zero to every output,
+        counter and ponder cost. The padding mask is built even when nothing is padded, and spelled out over the
+        query axis so that no broadcast has to be decided on the unbacked length."""
+        count = going_on.sum(1).max().clamp(min=1).item()
+        torch._check(count >= 1)
+        torch._check(count <= going_on.shape[1])
+        order = torch.sort((~going_on).to(torch.int8), dim=1, stable=True).indices.narrow(1, 0, count)
+        valid = going_on.gather(1, order)
+        states = y.gather(1, order.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        c = torch.where(valid, c.gather(1, order), 1.)
+        bias = torch.zeros(valid.shape, dtype=y.dtype, device=y.device).masked_fill(~valid, PADDING_BIAS)
+        return states, pos.gather(1, order), c, bias[:, None, None, :].expand(-1, -1, count, -1)
 
     def forward_features(self, x):
         if self.zip_tokens and not self.training:

@@ -209,3 +209,24 @@ def test_prior_statistic_axis_switch():
     model(x)
     tokens = torch.stack(model.halting_score_layer)
     assert not torch.allclose(quirk, tokens)
+
+
+@pytest.mark.parametrize('batch', [1, 4])
+def test_zipped_path_compiles_as_one_graph_with_the_eager_results(batch):
+    """No host sync in the compiled loop: one graph, no break (dynamo's explain), and with the graph run as traced
+    (backend 'eager') the depth counters, ponder costs and logits of the eager zipped path, bit for bit."""
+    torch.manual_seed(1)
+    model = with_varied_depths(tiny()).eval()
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        eager = model(x)
+        counters, rho = model.counter_token.clone(), model.rho_token.clone()
+    assert counters.min() < 12
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        explained = torch._dynamo.explain(model)(x)
+        compiled = torch.compile(model, backend='eager', fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert torch.equal(compiled, eager)
+    assert torch.equal(model.counter_token, counters) and torch.equal(model.rho_token, rho)
