@@ -4,8 +4,13 @@
         --output_dir results/tiny --pretrained --batch-size 128 --lr 0.0005 --tensorboard --epochs 100 \
         --gate_scale 10.0 --gate_center 30 --warmup-epochs 5 --ponder_token_scale 0.0005 --distr_prior_alpha 0.001
 
+A run restarted with the same --output_dir continues from its checkpoint (--no-auto-resume to start over instead,
+which refuses an output dir that already holds one).
+
 Deviations from the original, all fixes of crashes or additions:
 - runs single-process and on the CPU (the original needs DDP and CUDA);
+- python's random is seeded (RandAugment draws from it), so the same command gives the same run; the checkpoint
+  is written after evaluation, with every RNG state, and the best epoch is kept as best_checkpoint.pth (DeiT's);
 - `--pretrained` reads the DeiT checkpoint from a local file (`--pretrained PATH`, or the official file name in
   torch.hub's checkpoint folder) instead of downloading it;
 - the gate values of `--finetune`/`--demo` come from `--gate_scale`/`--gate_center` when given; the file name
@@ -22,7 +27,7 @@ import torch
 
 from shared.amp import amp_enabled
 from shared.args import deit_parser
-from shared.checkpoint import CheckpointError, load_finetune, load_training_state  # noqa: F401  (CheckpointError: re-exported)
+from shared.checkpoint import CheckpointError, load_finetune, load_training_state  # noqa: F401 (re-exported)
 from shared.datasets import build_dataset, build_loaders
 from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp
 from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, TensorboardLogger

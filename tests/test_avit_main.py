@@ -13,6 +13,7 @@ from PIL import Image
 
 from avit import main_act
 from shared.checkpoint import load_finetune
+from shared.errors import UserError
 from avit.models_act import avit_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def test_gate_flags_win_over_file_name(tmp_path):
     (['--act_mode', '1'], 'act_mode'), (['--distillation-type', 'hard'], 'distillation'),
     (['--finetune', '/nonexistent/tiny-10-30.pth'], 'not found'), (['--demo'], '--finetune')])
 def test_bad_input_stops_with_a_message(argv, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises((SystemExit, UserError), match=message):
         main_act.parse(argv)
 
 

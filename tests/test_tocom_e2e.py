@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import torchrun
-from shared.checkpoint import CheckpointError
+from shared.checkpoint import CheckpointError, safe_load
 from shared.datasets import DatasetLayoutError
+from shared.errors import UserError
 from tocom.main import get_args_parser, main
 from tocom.models import MODELS
 
@@ -87,8 +88,15 @@ def test_pretraining_writes_compensator_only(runs):
     assert 'number of params: 294912' in out  # 12 blocks x {q, v} x (32x192 + 192x32)
     assert 'Epoch: [0]' in out and 'Training time' in out
     assert 'Accuracy of the network' not in out  # no evaluation in pre-training
-    assert sorted(os.listdir(root / 'pre')) == ['checkpoint.pth']  # no best_checkpoint, no log.txt
-    ckpt = torch.load(root / 'pre' / 'checkpoint.pth', weights_only=True)
+    # no evaluation, so no best_checkpoint.pth; log.txt holds the training statistics of each epoch
+    assert sorted(n for n in os.listdir(root / 'pre') if not n.startswith('.')) == ['checkpoint.pth', 'log.txt']
+    lines = (root / 'pre' / 'log.txt').read_text().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry['epoch'] == 0 and entry['n_parameters'] == 294912
+    assert {'train_lr', 'train_loss', 'train_r_tgt', 'train_r_src'} <= set(entry)
+    assert not [k for k in entry if k.startswith('test_')]
+    ckpt = safe_load(root / 'pre' / 'checkpoint.pth')  # it holds the run's args too
     keys = set(ckpt['model'])
     assert len(keys) == 48 and all('.q_tocom.' in k or '.v_tocom.' in k for k in keys)
     assert ckpt['model']['blocks.0.attn.q_tocom.adapter_down.weight'].shape == (32, 192)
@@ -101,7 +109,7 @@ def test_finetune_writes_full_model_and_log(runs):
     out, stats = logs['cifar']
     assert 'Accuracy of the network on the 3 test images:' in out and 'Max accuracy:' in out
     assert '* Acc@1' in out and 'Removing key head.weight from pretrained checkpoint' in out
-    ckpt = torch.load(root / 'CIFAR' / 'checkpoint.pth', weights_only=True)
+    ckpt = safe_load(root / 'CIFAR' / 'checkpoint.pth')
     assert ckpt['model']['head.weight'].shape == (100, 192)  # head re-initialised for CIFAR-100's classes
     line = json.loads((root / 'CIFAR' / 'log.txt').read_text().splitlines()[-1])
     assert {'train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', 'epoch', 'n_parameters'} <= set(line)
@@ -124,11 +132,11 @@ def test_evaluation_fold_matches_unfolded(runs):
 
 def test_bad_inputs(runs, tmp_path):
     root, _ = runs
-    with pytest.raises(SystemExit, match='--r_tgt 17'):
+    with pytest.raises((SystemExit, UserError), match='--r_tgt 17'):
         run_main(eval_args(root, root / 'CIFAR' / 'checkpoint.pth', root / 'pre' / 'checkpoint.pth', r_tgt=17))
-    with pytest.raises(SystemExit, match='--r_src'):
+    with pytest.raises((SystemExit, UserError), match='--r_src'):
         run_main([*finetune_args(root, tmp_path / 'x')[:-1], '20'])
-    with pytest.raises(SystemExit, match='teacher'):
+    with pytest.raises((SystemExit, UserError), match='teacher'):
         run_main(pretrain_args(root, tmp_path / 'y')[:10] + ['--r_src', '-1'])
     # a compensator trained for another width (DeiT-S's 384 into DeiT-Ti's 192)
     small = MODELS['deit_small_patch16_224_tocom'](num_classes=10, img_size=64)

@@ -10,12 +10,13 @@ flags. Every command of the original README runs with `torchrun --nproc_per_node
     # evaluate it at r_tgt with the compensator r_src -> r_tgt
     --model deit_base_patch16_224_tocom --data-set CIFAR --finetune best_checkpoint.pth --eval --r_src k --r_tgt t
         --tocom_scale 0.1 --tocom_path tocom/checkpoint.pth
+
+A run restarted with the same --output_dir continues from its checkpoint, (r_tgt, r_src) pair draws included
+(--no-auto-resume to start over instead, which refuses an output dir that already holds one).
 """
-import datetime
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout works too
@@ -25,11 +26,12 @@ import torch.backends.cudnn as cudnn  # noqa: E402
 
 from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
-from shared.checkpoint import CheckpointError, auto_resume, load_finetune, load_weights, safe_load  # noqa: E402
+from shared.checkpoint import load_finetune, load_weights, register_random_stream, safe_load  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
-from shared.distributed import init_distributed_mode, save_on_master, seed_per_rank, wrap_ddp  # noqa: E402
-from shared.engine import (build_criterion, build_mixup, build_model_ema, build_optimization, evaluate,  # noqa: E402
-                           log_epoch)
+from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp  # noqa: E402
+from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, evaluate  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
+from shared.trainer import Trainer  # noqa: E402
 from tocom.engine import make_loss_fn, train_one_epoch  # noqa: E402
 from tocom.models import (DEFAULT_STEPS, create_tocom_model, fold_compensator, is_tocom,  # noqa: E402
                           load_compensator, set_r)
@@ -58,20 +60,20 @@ def check_args(args):
     """Fail early, naming the problem, on settings the original would crash on deep inside the model."""
     S = args.tocom_steps
     if args.tocom_dim < 1 or S < 1:
-        raise SystemExit(f'--tocom_dim ({args.tocom_dim}) and --tocom_steps ({S}) must be positive')
+        raise UserError(f'--tocom_dim ({args.tocom_dim}) and --tocom_steps ({S}) must be positive')
     if not -1 <= args.r_src <= S:
-        raise SystemExit(f'--r_src {args.r_src} is outside the supported range: -1 (pre-training) or 0..{S}')
+        raise UserError(f'--r_src {args.r_src} is outside the supported range: -1 (pre-training) or 0..{S}')
     if args.eval and args.r_src == -1:
-        raise SystemExit('--r_src -1 means pre-training; with --eval give the r the downstream model was trained with')
+        raise UserError('--r_src -1 means pre-training; with --eval give the r the downstream model was trained with')
     if not 0 <= args.r_tgt <= S:
-        raise SystemExit(f'--r_tgt {args.r_tgt} is outside the range the compensator covers (0..{S})')
+        raise UserError(f'--r_tgt {args.r_tgt} is outside the range the compensator covers (0..{S})')
     if args.r_src == -1 and not args.eval:
         if not args.model.endswith('_tocom'):
-            raise SystemExit(f'--r_src -1 (ToCom pre-training) needs a compensator model such as '
-                             f'deit_base_patch16_224_tocom, got --model {args.model}')
+            raise UserError(f'--r_src -1 (ToCom pre-training) needs a compensator model such as '
+                            f'deit_base_patch16_224_tocom, got --model {args.model}')
         if args.distillation_type == 'none' or not args.teacher_path:
-            raise SystemExit('--r_src -1 (ToCom pre-training) distils from the plain ToMe model: give '
-                             '--distillation-type soft --teacher-model deit_base_patch16_224 --teacher-path <DeiT>')
+            raise UserError('--r_src -1 (ToCom pre-training) distils from the plain ToMe model: give '
+                            '--distillation-type soft --teacher-model deit_base_patch16_224 --teacher-path <DeiT>')
 
 
 def load_teacher(args, nb_classes, device):
@@ -93,26 +95,6 @@ def load_teacher(args, nb_classes, device):
 def trainable_state(model):
     """Upstream's checkpoint.pth payload: every trainable parameter by name (ToCom: the compensator only)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def resume_trainable(args, model, optimizer, lr_scheduler, loss_scaler):
-    """--resume from our checkpoint.pth (trainable weights + optimizer state) or a full state dict. Upstream loaded
-    the adapters-only file strictly and failed; it also never saved the optimizer, so a real resume was impossible."""
-    checkpoint = safe_load(args.resume)
-    state = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - set(state))
-    if missing:
-        raise CheckpointError(f'--resume {args.resume} lacks trainable weights of {args.model}: {missing[:6]}')
-    load_weights(model, state, strict=False, source=f'--resume {args.resume}')
-    if not args.eval and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        args.start_epoch = checkpoint['epoch'] + 1
-        if 'scaler' in checkpoint:
-            loss_scaler.load_state_dict(checkpoint['scaler'])
-        print(f"| resumed from {args.resume}: epoch {checkpoint['epoch']} done, starting epoch {args.start_epoch}")
-    lr_scheduler.step(args.start_epoch)
 
 
 def evaluate_tocom(args, model, data_loader_val, device, amp):
@@ -137,7 +119,8 @@ def main(args):
 
     # python's random drives timm's RandAugment; upstream (DeiT) left it unseeded
     seed = seed_per_rank(args.seed, python_random=True)
-    pair_rng = random.Random(seed)  # the (r_tgt, r_src) draws; upstream left python's random unseeded
+    # the (r_tgt, r_src) draws (upstream left python's random unseeded); saved and restored with each checkpoint
+    pair_rng = register_random_stream('tocom_pairs', random.Random(seed))
     cudnn.benchmark = True
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
@@ -168,7 +151,8 @@ def main(args):
             p.requires_grad = False
 
     model.to(device)
-    # upstream keeps (and updates) an EMA it never evaluates nor saves; kept for fidelity of the flag
+    # upstream keeps (and updates) an EMA it never evaluates nor saves; kept for fidelity of the flag. Nothing reads
+    # it, so it stays out of the checkpoint (a full DeiT copy per save) and a resumed run starts it afresh.
     model_ema = None if args.eval else build_model_ema(model, args)
 
     model, model_without_ddp = wrap_ddp(model, args, find_unused_parameters=True)
@@ -187,51 +171,32 @@ def main(args):
     teacher = load_teacher(args, args.nb_classes, device) if args.distillation_type != 'none' else None
     criterion = build_criterion(args, mixup_fn, teacher)
 
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if auto_resume(args):
-        resume_trainable(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler)
-
     loss_fn = make_loss_fn(args, criterion, pair_rng, args.tocom_steps)
-    print(f'Start training for {args.epochs} epochs')
-    start_time = time.time()
-    max_accuracy = 0.0
-    test_stats = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed and hasattr(data_loader_train.sampler, 'set_epoch'):
-            data_loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
+
+    def train_epoch(epoch):
+        return train_one_epoch(
             model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
             mixup_fn, set_training_mode=args.train_mode, amp=amp, loss_fn=loss_fn, print_freq=args.print_freq)
-        lr_scheduler.step(epoch)
-        if output_dir:
-            # 'model' holds only trainable weights under upstream's names (an official loader reads just that);
-            # optimizer/scheduler/epoch are added so that --resume really resumes
-            save_on_master({'model': trainable_state(model_without_ddp), 'optimizer': optimizer.state_dict(),
-                            'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch,
-                            'scaler': loss_scaler.state_dict()}, output_dir / 'checkpoint.pth')
 
-        if args.r_src != -1:
-            set_r(model_without_ddp, args.r_src)
-            test_stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
-            print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-            if max_accuracy < test_stats['acc1']:
-                max_accuracy = test_stats['acc1']
-                if output_dir:
-                    save_on_master({'model': model_without_ddp.state_dict()}, output_dir / 'best_checkpoint.pth')
-            print(f'Max accuracy: {max_accuracy:.2f}%')
-            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                         **{f'test_{k}': v for k, v in test_stats.items()},
-                         'epoch': epoch, 'n_parameters': n_parameters}
-            log_epoch(args.output_dir, log_stats)
+    def evaluate_epoch(epoch):
+        set_r(model_without_ddp, args.r_src)  # training may have left a pre-training pair or another r set
+        return evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)
 
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
-    return test_stats
+    pretraining = args.r_src == -1
+    # checkpoint.pth's 'model' holds only the trainable weights under upstream's names (an official loader reads
+    # just that: the compensator in pre-training); best_checkpoint.pth holds the whole model, as upstream's does.
+    trainer = Trainer(args, model_without_ddp, optimizer, lr_scheduler, loss_scaler, train_loader=data_loader_train,
+                      train_epoch=train_epoch, evaluate=None if pretraining else evaluate_epoch,
+                      n_parameters=n_parameters, val_images=len(dataset_val),
+                      model_state=lambda: trainable_state(model_without_ddp),
+                      best_payload=lambda: {'model': model_without_ddp.state_dict()}, trainable_only=True)
+    trainer.resume()
+    log_stats = trainer.fit()
+    return {k[len('test_'):]: v for k, v in log_stats.items() if k.startswith('test_')}
 
 
 if __name__ == '__main__':
-    parser = get_args_parser()
-    args = parser.parse_args()
+    args = get_args_parser().parse_args()
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    main(args)
+    run_cli(main, args)
