@@ -9,14 +9,11 @@ import os
 
 SHIPPED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'compression_rate.json')
 
-# CLI model name -> display name in compression_rate.json (the reference's table)
+# CLI model name -> display name in compression_rate.json (the reference's table: DeiT-T/S/B, MAE-B/L/H, CAFormer)
 MODEL_KEYS = {
-    'vit_deit_tiny_patch16_224': 'ViT-T-DeiT',
-    'vit_deit_small_patch16_224': 'ViT-S-DeiT',
-    'vit_deit_base_patch16_224': 'ViT-B-DeiT',
-    'vit_base_patch16_mae': 'ViT-B-MAE',
-    'vit_large_patch16_mae': 'ViT-L-MAE',
-    'vit_huge_patch14_mae': 'ViT-H-MAE',
+    **{f'vit_deit_{size}_patch16_224': f'ViT-{size[0].upper()}-DeiT' for size in ('tiny', 'small', 'base')},
+    **{f'vit_{size}_patch{patch}_mae': f'ViT-{size[0].upper()}-MAE'
+       for size, patch in (('base', 16), ('large', 16), ('huge', 14))},
     'caformer_s36': 'CAFormer-S36',
 }
 

@@ -78,6 +78,10 @@ def build_model_ema(model, args, legacy=False):
     return ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
 
 
+def to_device(device, *tensors):
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, max_norm=0,
                     model_ema=None, mixup_fn=None, set_training_mode=True, amp=False, loss_fn=None,
                     bce_loss=False, print_freq=10, tb_logger=None, header=None):
@@ -89,8 +93,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = header or f'Epoch: [{epoch}]'
     for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        samples, targets = to_device(device, samples, targets)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         with autocast(device, amp):
@@ -98,14 +101,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         loss_value = loss.item()
         check_finite_loss(loss_value, epoch)
         optimizer.zero_grad()
-        is_second_order = getattr(optimizer, 'is_second_order', False)
-        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(), create_graph=is_second_order)
+        # second-order optimizers (timm's AdaHessian) need the graph of the gradients
+        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+                    create_graph=getattr(optimizer, 'is_second_order', False))
         if device.type == 'cuda':
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # per-step timings and the EMA see finished kernels
         if model_ema is not None:
             model_ema.update(model)
-        metric_logger.update(loss=loss_value, **extra)
-        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+        metric_logger.update(loss=loss_value, **extra, lr=optimizer.param_groups[0]['lr'])
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
@@ -124,24 +127,19 @@ def evaluate(data_loader, model, device, amp=False, forward_fn=None, print_freq=
     metric_logger = MetricLogger(delimiter='  ')
     model.eval()
     for images, target in metric_logger.log_every(data_loader, print_freq, header):
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+        images, target = to_device(device, images, target)
         with autocast(device, amp):
             result = forward_fn(model, images) if forward_fn is not None else model(images)
             output, extra = result if isinstance(result, tuple) else (result, {})
             loss = criterion(output, target)
-        maxk = min(5, output.shape[-1])
-        acc1, acc5 = accuracy(output, target, topk=(1, maxk))
-        batch_size = images.shape[0]
+        top1, top5 = accuracy(output, target, topk=(1, min(5, output.shape[-1])))
         metric_logger.update(loss=loss.item())
-        metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
-        metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
-        for k, v in extra.items():
-            metric_logger.meters[k].update(float(v), n=batch_size)
+        for name, value in (('acc1', top1), ('acc5', top5), *extra.items()):
+            metric_logger.meters[name].update(float(value), n=images.shape[0])  # averaged over images
     metric_logger.synchronize_between_processes()
-    print('* Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f} loss {losses.global_avg:.3f}'
-          .format(top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")  # DeiT's summary line
+    return stats
 
 
 def log_epoch(output_dir, log_stats, filename='log.txt'):
