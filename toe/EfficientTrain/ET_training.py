@@ -20,6 +20,8 @@ import shlex
 import subprocess
 import sys
 
+from shared.errors import UserError, run_cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # drop-path rates of the original table (from the models' papers)
@@ -84,9 +86,9 @@ def chunk_command(args, index, retry=False):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if not args.model:
-        raise SystemExit('error: --model is required')
+        raise UserError('--model is required')
     if args.data_path is None:
-        raise SystemExit('error: --data_path is required')
+        raise UserError('--data_path is required')
     print('EfficientTrain_b_list:', INPUT_SIZES)
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
         [os.path.dirname(os.path.dirname(HERE))] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else []))}
@@ -98,8 +100,8 @@ def main(argv=None):
             print('chunk failed; retrying with half the batch:', ' '.join(map(shlex.quote, cmd)), flush=True)
             if subprocess.call(cmd, env=env):
                 # the original goes on to the next chunk regardless; stopping here names the failure instead
-                raise SystemExit(f'error: EfficientTrain chunk {index} failed twice')
+                raise UserError(f'EfficientTrain chunk {index} failed twice')
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -17,21 +17,26 @@ accepted and torchrun's LOCAL_RANK decides the device; `--sync-bn` uses torch's 
 there is no CUDA prefetcher (`--no-prefetcher` is the only path: random erasing runs in the data transform).
 """
 import argparse
-import csv  # noqa: F401  (timm's update_summary writes summary.csv)
+import csv
 import glob
+import io
 import os
 import time
 from datetime import datetime
 
-import numpy as np
 import torch
 import yaml
 
 from shared.amp import NativeScaler, autocast
-from shared.checkpoint import CheckpointError, atomic_save, load_finetune_state, load_weights, safe_load, to_timm_state_dict
+from shared.checkpoint import (CheckpointError, atomic_copy, atomic_save, atomic_write_text, load_finetune_state,
+                               load_weights, rng_state, safe_load, set_rng_state, to_timm_state_dict)
 from shared.datasets import DatasetLayoutError, image_folder
-from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_process, wrap_ddp
+from shared.distributed import (all_reduce_mean, get_rank, get_world_size, init_distributed_mode, is_main_process,
+                                seed_per_rank, wrap_ddp)
 from shared.engine import build_model_ema, evaluate
+from shared.errors import UserError, run_cli
+from shared.rundir import RunDir
+from shared.trainer import check_finite_loss, check_finite_weights
 from toe.lvvit.data import (TokenLabelFolder, TokenLabelMixup, smoothed_one_hot, token_label_target,
                             token_label_train_transform)
 from toe.lvvit.loss import TokenLabelCrossEntropy, TokenLabelSoftTargetCrossEntropy
@@ -49,12 +54,16 @@ def get_args_parser():
     a('data_dir', metavar='DIR', help='path to dataset (train/ and validation/ image folders)')
     a('--dataset', '-d', default='', help='dataset type (only image folders are read; kept for the original CLI)')
     a('--train-split', default='train')
-    a('--val-split', default='validation')
+    a('--val-split', default='validation', help="'validation' falls back to 'val' when absent (ImageNet layouts)")
     a('--model', default='lvvit', help=f'one of {sorted(MODELS)}')
     a('--pretrained', action='store_true', default=False)
     a('--initial-checkpoint', default='', help='initialise the model from this checkpoint')
     a('--resume', default='', help='resume model, optimizer, scaler and EMA from this checkpoint')
     a('--no-resume-opt', action='store_true', default=False)
+    a('--auto-resume', action='store_true', default=True,
+      help='continue the newest run of this model and input size under --output from its last.pth.tar (default)')
+    a('--no-auto-resume', action='store_false', dest='auto_resume',
+      help='start a new run; refused while --output holds a last.pth.tar of this model and input size')
     a('--num-classes', type=int, default=None)
     a('--gp', default=None, help='global pool type (unused by LV-ViT)')
     a('--img-size', type=int, default=None)
@@ -201,18 +210,36 @@ def load_finetune(model, path, use_ema, num_classes):
                                head_keys=('head.weight', 'head.bias', 'aux_head.weight', 'aux_head.bias'))
 
 
+LAST = 'last.pth.tar'
+BEST = 'model_best.pth.tar'
+SUMMARY = 'summary.csv'
+
+
 class Saver:
     """timm's CheckpointSaver file names and keys (epoch, arch, state_dict, optimizer, version, args, amp_scaler,
-    state_dict_ema, metric), written atomically on rank 0."""
+    state_dict_ema, metric), written atomically on rank 0.
+
+    Each epoch's state also carries what a restart needs to continue exactly (`extra`: every rank's RNG states and
+    the summary rows) and the saver's own bookkeeping (`saver`: the best metric and the kept numbered checkpoints).
+    last.pth.tar is written after checkpoint-<epoch> and model_best: it is the commit point a restart continues
+    from, and an epoch redone after a kill rewrites the other two with the same content."""
 
     def __init__(self, model, optimizer, args, model_ema, loss_scaler, checkpoint_dir, decreasing, max_history):
         self.model, self.optimizer, self.args, self.model_ema = model, optimizer, args, model_ema
         self.loss_scaler, self.dir, self.decreasing, self.max_history = loss_scaler, checkpoint_dir, decreasing, \
             max_history
-        self.history = []  # (path, metric), best first
+        self.kept = []  # (file name, metric) of the numbered checkpoints on disk, best first
         self.best_metric = self.best_epoch = None
 
-    def _state(self, epoch, metric=None):
+    def bookkeeping(self):
+        return {'best_metric': self.best_metric, 'best_epoch': self.best_epoch, 'kept': [list(k) for k in self.kept]}
+
+    def restore(self, saved):
+        """Continue the bookkeeping of the run whose folder this is (from its last.pth.tar)."""
+        self.best_metric, self.best_epoch = saved['best_metric'], saved['best_epoch']
+        self.kept = [tuple(k) for k in saved['kept']]
+
+    def _state(self, epoch, metric=None, extra=None):
         from shared.distributed import unwrap_model
         state = {'epoch': epoch, 'arch': self.args.model, 'state_dict': unwrap_model(self.model).state_dict(),
                  'optimizer': self.optimizer.state_dict(), 'version': 2, 'args': self.args}
@@ -222,58 +249,151 @@ class Saver:
             state['state_dict_ema'] = self.model_ema.module.state_dict()
         if metric is not None:
             state['metric'] = metric
+        state.update(extra or {})
         return state
 
     def _better(self, a, b):
         return b is None or (a < b if self.decreasing else a > b)
 
-    def save_checkpoint(self, epoch, metric=None):
-        state = self._state(epoch, metric)
-        last = os.path.join(self.dir, 'last.pth.tar')
-        atomic_save(state, last)
-        path = os.path.join(self.dir, f'checkpoint-{epoch}.pth.tar')
-        if self.max_history > 0:
-            atomic_save(state, path)
-            self.history.append((path, metric))
-            self.history.sort(key=lambda x: (x[1] is None, -x[1] if (x[1] is not None and not self.decreasing)
-                                             else (x[1] or 0)))
-            for old, _ in self.history[self.max_history:]:
-                if os.path.exists(old):
-                    os.remove(old)
-            self.history = self.history[:self.max_history]
-        if metric is not None and self._better(metric, self.best_metric):
+    def _rank(self, entry):
+        return -entry[1] if not self.decreasing else entry[1]
+
+    def save_checkpoint(self, epoch, metric, extra=None):
+        numbered = f'checkpoint-{epoch}.pth.tar'
+        # a stable sort: among equal metrics the older checkpoint stays
+        ranked = sorted(self.kept + [(numbered, metric)], key=self._rank) if self.max_history > 0 else []
+        self.kept, dropped = ranked[:self.max_history], [name for name, _ in ranked[self.max_history:]]
+        improved = self._better(metric, self.best_metric)
+        if improved:
             self.best_metric, self.best_epoch = metric, epoch
-            atomic_save(state, os.path.join(self.dir, 'model_best.pth.tar'))
+        state = self._state(epoch, metric, {**(extra or {}), 'saver': self.bookkeeping()})
+        files = [numbered] if self.max_history > 0 and numbered not in dropped else []
+        files += [BEST] if improved else []
+        written = os.path.join(self.dir, (files + [LAST])[0])
+        atomic_save(state, written)
+        for name in files[1:]:
+            atomic_copy(written, os.path.join(self.dir, name))
+        for name in dropped:
+            if os.path.exists(os.path.join(self.dir, name)):
+                os.remove(os.path.join(self.dir, name))
+        if files:
+            atomic_copy(written, os.path.join(self.dir, LAST))
         return self.best_metric, self.best_epoch
 
     def save_recovery(self, epoch, batch_idx):
-        for old in glob.glob(os.path.join(self.dir, 'recovery-*.pth.tar')):
+        for old in glob.glob(os.path.join(glob.escape(self.dir), 'recovery-*.pth.tar')):
             os.remove(old)
         atomic_save(self._state(epoch), os.path.join(self.dir, f'recovery-{epoch}-{batch_idx}.pth.tar'))
 
 
-def resume_checkpoint(model, path, optimizer=None, loss_scaler=None, model_ema=None):
-    """timm's resume_checkpoint: weights (+ optimizer, scaler, EMA); returns the epoch to start at."""
+def summary_text(rows):
+    """summary.csv as timm's update_summary leaves it after appending `rows` one by one (csv module, header from
+    the first row, '\\r\\n' line ends)."""
+    if not rows:
+        return ''
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def summary_row(epoch, train_metrics, eval_metrics):
+    return {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
+            **{f'eval_{k}': v for k, v in eval_metrics.items()}}
+
+
+def gather_rng_states(distributed):
+    """Every rank's RNG states, indexed by rank (a collective: call it on every rank)."""
+    mine = rng_state()
+    if not distributed:
+        return [mine]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def saved_runs(args, img_size):
+    """last.pth.tar of this model's earlier runs at this input size under <--output>/train/, oldest save first."""
+    base = os.path.join(args.output or './output', 'train')
+    pattern = os.path.join(glob.escape(base), f'*-{glob.escape(args.model)}-{img_size}', LAST)
+    return sorted(glob.glob(pattern), key=os.path.getmtime)
+
+
+def choose_resume(args, img_size):
+    """(checkpoint to load or '', run folder to keep writing into or ''). --resume loads the given file and starts a
+    new run folder, as the original does; without it the newest earlier run of this model and size is continued in
+    its own folder (auto-resume), or, with --no-auto-resume, refused."""
+    if args.resume:
+        return args.resume, ''
+    saved = saved_runs(args, img_size)
+    if not saved:
+        return '', ''
+    if not args.auto_resume:
+        raise UserError(f'{saved[-1]} holds an earlier run of {args.model} at {img_size} px and auto-resume is off: '
+                        'continue it by rerunning without --no-auto-resume, or pass another --output')
+    print(f'| auto-resume from {saved[-1]}')
+    return saved[-1], os.path.dirname(saved[-1])
+
+
+def agree_on_resume(args, img_size):
+    """choose_resume on rank 0, told to every rank (they may not share a view of the folder, and must all load the
+    same file or all stop with the same error)."""
+    if not args.distributed:
+        return choose_resume(args, img_size)
+    message = [None]
+    if is_main_process():
+        try:
+            message = [choose_resume(args, img_size)]
+        except UserError as e:
+            message = [str(e)]
+    torch.distributed.broadcast_object_list(message, src=0)
+    if isinstance(message[0], str):
+        raise UserError(message[0])
+    return message[0]
+
+
+def resume_checkpoint(model, path, optimizer=None, loss_scaler=None):
+    """timm's resume_checkpoint: weights (+ optimizer, scaler). Returns (epoch to start at, the checkpoint dict)."""
     try:
         obj = safe_load(path)
     except (OSError, CheckpointError) as e:
-        raise SystemExit(f'error: --resume {path}: {e}')
+        raise UserError(f'--resume {path}: {e}') from None
     if not (isinstance(obj, dict) and 'state_dict' in obj):
-        raise SystemExit(f'error: --resume {path}: not a training checkpoint of this script (no state_dict key)')
+        raise UserError(f'--resume {path}: not a training checkpoint of this script (no state_dict key)')
     try:
         load_weights(model, {k[7:] if k.startswith('module.') else k: v for k, v in obj['state_dict'].items()},
                      source=path)
-        if model_ema is not None and 'state_dict_ema' in obj:
-            load_weights(model_ema.module, obj['state_dict_ema'], source=f'{path} (state_dict_ema)')
     except CheckpointError as e:
-        raise SystemExit(f'error: --resume {path}: {e}')
+        raise UserError(f'--resume {path}: {e}') from None
     if optimizer is not None and 'optimizer' in obj:
         optimizer.load_state_dict(obj['optimizer'])
     if loss_scaler is not None and loss_scaler.state_dict_key in obj:
         loss_scaler.load_state_dict(obj[loss_scaler.state_dict_key])
     epoch = obj.get('epoch')
     print(f"| resumed {path} (epoch {epoch})")
-    return None if epoch is None else epoch + 1 if obj.get('version', 1) > 1 else epoch
+    return (None if epoch is None else epoch + 1 if obj.get('version', 1) > 1 else epoch), obj
+
+
+def restore_rng(checkpoint, path):
+    states = checkpoint.get('rng')
+    if not states:
+        return
+    if len(states) != get_world_size():
+        print(f'| {path} was written by {len(states)} processes, this run has {get_world_size()}: RNG states not '
+              'restored (augmentations will differ from an uninterrupted run)')
+        return
+    set_rng_state(states[get_rank()])
+
+
+def eval_dir(args):
+    """<data_dir>/<--val-split>; for the default 'validation', <data_dir>/val when only that exists (as timm's
+    folder search does for ImageNet)."""
+    path = os.path.join(args.data_dir, args.val_split)
+    fallback = os.path.join(args.data_dir, 'val')
+    if args.val_split == 'validation' and not os.path.isdir(path) and os.path.isdir(fallback):
+        return fallback
+    return path
 
 
 def build_loaders(args, data_config):
@@ -296,9 +416,11 @@ def build_loaders(args, data_config):
             interpolation=interpolation, mean=data_config['mean'], std=data_config['std'], re_prob=args.reprob,
             re_mode=args.remode, re_count=args.recount)
         dataset_train = image_folder(train_dir, transform)
-    dataset_eval = image_folder(os.path.join(args.data_dir, args.val_split), create_transform(
+    eval_transform = create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
-        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct']))
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
+    # labelled with the training split's class indices: a class missing from the eval folder shifts no label
+    dataset_eval = image_folder(eval_dir(args), eval_transform, train_root=train_dir)
     if args.distributed:
         sampler_train = torch.utils.data.DistributedSampler(dataset_train)
         sampler_eval = torch.utils.data.DistributedSampler(dataset_eval, shuffle=False)
@@ -334,10 +456,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     from timm.utils import AverageMeter, dispatch_clip_grad
     losses_m, batch_time_m = AverageMeter(), AverageMeter()
     total_train_time = 0.0
+    steps = len(loader)
     model.train()
-    end = time.time()
-    last_idx = len(loader) - 1
-    num_updates = epoch * len(loader)
+    batch_start = time.time()
     for batch_idx, (inputs, target) in enumerate(loader):
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -353,6 +474,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         with autocast(device, amp):
             output = model(inputs)
             loss = loss_fn(output, target)
+        loss_value = loss.item()
+        check_finite_loss(loss_value, epoch, step=batch_idx)
         optimizer.zero_grad()
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -367,18 +490,19 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         if device.type == 'cuda':
             torch.cuda.synchronize()
         total_train_time += time.time() - start
-        num_updates += 1
-        losses_m.update(all_reduce_mean(loss.item()) if args.distributed else loss.item(), inputs.size(0))
-        batch_time_m.update(time.time() - end)
-        if batch_idx == last_idx or batch_idx % args.log_interval == 0:
+        losses_m.update(all_reduce_mean(loss_value) if args.distributed else loss_value, inputs.size(0))
+        batch_time_m.update(time.time() - batch_start)
+        if batch_idx % args.log_interval == 0 or batch_idx + 1 == steps:
             lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
-            print(f'Train: {epoch} [{batch_idx:>4d}/{len(loader)} ({100. * batch_idx / max(last_idx, 1):>3.0f}%)]  '
+            print(f'Train: {epoch} [{batch_idx:>4d}/{steps} ({100. * batch_idx / max(steps - 1, 1):>3.0f}%)]  '
                   f'Loss: {losses_m.val:#.4g} ({losses_m.avg:#.3g})  Time: {batch_time_m.val:.3f}s  LR: {lr:.3e}')
         if saver is not None and args.recovery_interval and (batch_idx + 1) % args.recovery_interval == 0:
+            check_finite_weights(model)
             saver.save_recovery(epoch, batch_idx)
         if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
-        end = time.time()
+            # timm counts optimizer updates from the start of the run
+            lr_scheduler.step_update(num_updates=epoch * steps + batch_idx + 1, metric=losses_m.avg)
+        batch_start = time.time()
     return {'loss': losses_m.avg, 'total_train_time': total_train_time}
 
 
@@ -391,7 +515,7 @@ def main(args, args_text=''):
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer
     from timm.scheduler import create_scheduler
-    from timm.utils import distribute_bn, update_summary
+    from timm.utils import distribute_bn
     init_distributed_mode(args)
     device = torch.device(args.device)
     use_amp = args.amp or args.apex_amp or args.native_amp
@@ -400,8 +524,7 @@ def main(args, args_text=''):
         print('| --apex-amp: NVIDIA apex O1 is replaced by torch.amp (float16 autocast + GradScaler)')
     if use_amp and not amp:
         print('| AMP asked for but running on the CPU: training in float32')
-    torch.manual_seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
+    seed_per_rank(args.seed, python_random=True)  # RandAugment draws from python's random
 
     model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
                          drop_path_rate=args.drop_path if args.drop_path is not None else args.drop_connect,
@@ -417,15 +540,16 @@ def main(args, args_text=''):
         load_finetune(model, args.finetune, args.model_ema, args.num_classes)
     print(f'Model {args.model} created, param count: {sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=is_main_process())
+    img_size = data_config['input_size'][-1]
     token_select, num_patches = model.token_select, model.patch_embed.num_patches
     try:
         token_select.check_num_patches(num_patches)
     except ValueError as e:
-        raise SystemExit(f'error: {e}')
+        raise UserError(str(e)) from None
     if args.token_label and args.token_label_size > 1 and args.token_label_size ** 2 != num_patches:
-        raise SystemExit(f'error: --token-label-size {args.token_label_size} gives {args.token_label_size ** 2} token '
-                         f'labels but {args.model} at {data_config["input_size"][-1]} px has {num_patches} patch tokens '
-                         f'(use {int(num_patches ** 0.5)})')
+        raise UserError(f'--token-label-size {args.token_label_size} gives {args.token_label_size ** 2} token labels '
+                        f'but {args.model} at {img_size} px has {num_patches} patch tokens '
+                        f'(use {int(num_patches ** 0.5)})')
 
     model.to(device)
     if args.channels_last:
@@ -435,18 +559,16 @@ def main(args, args_text=''):
     optimizer = create_optimizer(args, model)
     loss_scaler = NativeScaler(device) if amp else None
 
-    resume_epoch = None
-    model_ema = None
-    if args.resume:
-        resume_epoch = resume_checkpoint(model, args.resume, None if args.no_resume_opt else optimizer,
-                                         None if args.no_resume_opt else loss_scaler)
-    if args.model_ema:
-        # deep copy with the selector's flag off: the EMA is always validated on all tokens, as in the original
-        model_ema = build_model_ema(model, args)
-        if args.resume:
-            obj = safe_load(args.resume)
-            if 'state_dict_ema' in obj:
-                load_weights(model_ema.module, obj['state_dict_ema'], source=f'{args.resume} (state_dict_ema)')
+    resume_path, continued_dir = agree_on_resume(args, img_size)
+    resume_epoch = checkpoint = None
+    if resume_path:
+        resume_epoch, checkpoint = resume_checkpoint(model, resume_path, None if args.no_resume_opt else optimizer,
+                                                     None if args.no_resume_opt else loss_scaler)
+    # a continuation of the saved run: its RNG states, summary rows and (in its own folder) best and kept files
+    continuing = checkpoint is not None and not args.no_resume_opt and args.start_epoch is None
+    model_ema = build_model_ema(model, args)  # a copy with the selector's flag off: validated on all tokens
+    if model_ema is not None and checkpoint is not None and 'state_dict_ema' in checkpoint:
+        load_weights(model_ema.module, checkpoint['state_dict_ema'], source=f'{resume_path} (state_dict_ema)')
     model, model_without_ddp = wrap_ddp(model, args)
 
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)
@@ -455,10 +577,7 @@ def main(args, args_text=''):
         lr_scheduler.step(start_epoch)
     print(f'Scheduled epochs: {num_epochs}')
 
-    try:
-        loader_train, loader_eval = build_loaders(args, data_config)
-    except DatasetLayoutError as e:
-        raise SystemExit(f'error: {e}')
+    loader_train, loader_eval = build_loaders(args, data_config)
     if args.token_label and args.token_label_size == 1:
         train_loss_fn = TokenLabelSoftTargetCrossEntropy()
     elif args.token_label:
@@ -469,53 +588,70 @@ def main(args, args_text=''):
         from timm.loss import SoftTargetCrossEntropy
         train_loss_fn = SoftTargetCrossEntropy()
     if not args.token_label and getattr(model_without_ddp, 'return_dense', False):
-        raise SystemExit(f'error: {args.model} trains with the dense head: pass --token-label (as the original needs)')
+        raise UserError(f'{args.model} trains with the dense head: pass --token-label (as the original needs)')
 
+    rows = [r for r in checkpoint.get('summary', []) if r['epoch'] < start_epoch] if continuing else []
     saver, output_dir = None, ''
     if is_main_process():
-        exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, str(data_config['input_size'][-1])])
-        output_dir = os.path.join(args.output or './output', 'train', exp_name)
-        os.makedirs(output_dir, exist_ok=True)
-        saver = Saver(model_without_ddp, optimizer, args, model_ema, loss_scaler, output_dir,
-                      decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
-        print(f'| output: {output_dir}')
+        exp_name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, str(img_size)])
+        output_dir = continued_dir or os.path.join(args.output or './output', 'train', exp_name)
+    run_dir = RunDir(output_dir, active=is_main_process())
+    run_dir.acquire()
+    try:
+        if is_main_process():
+            saver = Saver(model_without_ddp, optimizer, args, model_ema, loss_scaler, output_dir,
+                          decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+            if continuing and continued_dir and 'saver' in checkpoint:
+                saver.restore(checkpoint['saver'])
+            atomic_write_text(args_text, os.path.join(output_dir, 'args.yaml'))
+            if rows or continued_dir:  # lines of epochs after the checkpoint (a kill in between) are dropped
+                atomic_write_text(summary_text(rows), os.path.join(output_dir, SUMMARY))
+            print(f'| output: {output_dir}')
 
-    if args.finetune:
-        validate(model, loader_eval, device, amp)
-    mixup_fn = build_token_label_mixup(args)
-    best_metric = best_epoch = None
-    for epoch in range(start_epoch, num_epochs):
-        if args.distributed:
-            loader_train.sampler.set_epoch(epoch)
-        enter_epoch(token_select, epoch, num_patches)
-        train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, device,
-                                        lr_scheduler=lr_scheduler, saver=saver, amp=amp, loss_scaler=loss_scaler,
-                                        model_ema=model_ema, mixup_fn=mixup_fn)
-        print(f"total_train_time (forward+backward+step, this epoch, this rank): "
-              f"{train_metrics['total_train_time']:.3f} s")
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-        # The original never switches the online selector off here (its --sparse-eval branch sets it on, or writes a
-        # dead attribute): the online model is validated on the training stage's tokens.
-        eval_metrics = validate(model, loader_eval, device, amp)
-        if model_ema is not None and not args.model_ema_force_cpu:
-            model_ema.module.token_select.update_current_stage(epoch)  # its flag stays off: all tokens
+        if args.finetune:
+            validate(model, loader_eval, device, amp)
+        mixup_fn = build_token_label_mixup(args)
+        if continuing:
+            # after everything that draws at start-up: the first epoch draws what the saved run's next epoch drew
+            restore_rng(checkpoint, resume_path)
+        best_metric = best_epoch = None
+        for epoch in range(start_epoch, num_epochs):
+            if args.distributed:
+                loader_train.sampler.set_epoch(epoch)
+            enter_epoch(token_select, epoch, num_patches)
+            train_metrics = train_one_epoch(epoch, model, loader_train, optimizer, train_loss_fn, args, device,
+                                            lr_scheduler=lr_scheduler, saver=saver, amp=amp, loss_scaler=loss_scaler,
+                                            model_ema=model_ema, mixup_fn=mixup_fn)
+            print(f"total_train_time (forward+backward+step, this epoch, this rank): "
+                  f"{train_metrics['total_train_time']:.3f} s")
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
-            eval_metrics = validate(model_ema.module, loader_eval, device, amp, suffix=' (EMA)')
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-        if output_dir:
-            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                           write_header=best_metric is None)
-        if saver is not None:
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+                distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+            # The original never switches the online selector off here (its --sparse-eval branch sets it on, or
+            # writes a dead attribute): the online model is validated on the training stage's tokens.
+            eval_metrics = validate(model, loader_eval, device, amp)
+            if model_ema is not None and not args.model_ema_force_cpu:
+                model_ema.module.token_select.update_current_stage(epoch)  # its flag stays off: all tokens
+                if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                    distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+                eval_metrics = validate(model_ema.module, loader_eval, device, amp, suffix=' (EMA)')
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+            rows.append(summary_row(epoch, train_metrics, eval_metrics))
+            check_finite_weights(model)
+            if model_ema is not None:
+                check_finite_weights(model_ema.module, 'EMA model')
+            # after evaluation, whose loader draws from torch's generator: a restart continues with the same draws
+            rng = gather_rng_states(args.distributed)
+            if saver is not None:
+                best_metric, best_epoch = saver.save_checkpoint(epoch, eval_metrics[args.eval_metric],
+                                                                extra={'rng': rng, 'summary': list(rows)})
+                atomic_write_text(summary_text(rows), os.path.join(output_dir, SUMMARY))
+    finally:
+        run_dir.release()
     if best_metric is not None:
         print(f'*** Best metric: {best_metric} (epoch {best_epoch})')
     return output_dir
 
 
 if __name__ == '__main__':
-    main(*parse_args())
+    run_cli(main, *parse_args())
