@@ -205,13 +205,21 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
 
 
-def wrap_ddp(model, args, find_unused_parameters=False):
+def wrap_ddp(model, args, find_unused_parameters=False, model_ema=None):
     """(model, model_without_ddp): the model in DistributedDataParallel when the run is distributed (device_ids only
-    on CUDA, where each rank owns one GPU), and the bare module either way."""
+    on CUDA, where each rank owns one GPU), and the bare module either way.
+
+    model_ema: the weight EMA copied from the model before wrapping. Each rank initialised its own model from its own
+    seed and DDP replaces the weights by rank 0's; the EMA is reset to those too, so that every rank averages the same
+    weights (otherwise each rank's EMA keeps its own initialisation, evaluations average different models, and a
+    resumed run, which gives every rank the saved rank-0 EMA, cannot continue the uninterrupted one)."""
     if not getattr(args, 'distributed', False):
         return model, model
     device = torch.device(args.device)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == 'cuda' else None,
         find_unused_parameters=find_unused_parameters)
+    if model_ema is not None:
+        from shared.checkpoint import ema_module
+        ema_module(model_ema).load_state_dict(ddp.module.state_dict())
     return ddp, ddp.module

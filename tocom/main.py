@@ -155,7 +155,7 @@ def main(args):
     # it, so it stays out of the checkpoint (a full DeiT copy per save) and a resumed run starts it afresh.
     model_ema = None if args.eval else build_model_ema(model, args)
 
-    model, model_without_ddp = wrap_ddp(model, args, find_unused_parameters=True)
+    model, model_without_ddp = wrap_ddp(model, args, find_unused_parameters=True, model_ema=model_ema)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
     amp = amp_enabled(args, device)

@@ -71,7 +71,7 @@ def main(args):
 
     model_ema = build_model_ema(model, args)
 
-    model, model_without_ddp = wrap_ddp(model, args)
+    model, model_without_ddp = wrap_ddp(model, args, model_ema=model_ema)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 

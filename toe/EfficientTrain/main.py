@@ -376,7 +376,7 @@ def main(args):
         load_weights(model, state, strict=False, source=args.finetune)
     model.to(device)
     model_ema = build_model_ema(model, args, legacy=True)
-    model, model_without_ddp = wrap_ddp(model, args)
+    model, model_without_ddp = wrap_ddp(model, args, model_ema=model_ema)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     total_batch_size = args.batch_size * args.update_freq * get_world_size()

@@ -97,7 +97,7 @@ def main(args):
     # created before any stage is set: its TokenSelect keeps sparse_inference False (full-token EMA eval)
     model_ema = build_model_ema(model, args, legacy=True)
 
-    model, model_without_ddp = wrap_ddp(model, args)
+    model, model_without_ddp = wrap_ddp(model, args, model_ema=model_ema)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print('number of params:', n_parameters)
 
