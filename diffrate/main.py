@@ -179,8 +179,6 @@ def main(args, model=None, require_weights=False):
         schedule = schedules.lookup(args.model, args.target_flops, args.compression_rate_file)
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
-    if not args.eval:
-        check_train_batches(dataset_train, args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
     # the reference's loaders: distributed samplers even as a world of one, eval at the training batch size, workers
     # kept between epochs
@@ -202,6 +200,7 @@ def main(args, model=None, require_weights=False):
         if args.target_flops > full:
             raise UserError(f'--target_flops {args.target_flops} is above the FLOPs of the full {args.model} '
                             f'({full:.3f}G at --input-size {args.input_size}): nothing to search; give a smaller target')
+        check_train_batches(dataset_train, args)
     # the network is frozen: only the proxies' logits learn (the reference leaves requires_grad on and simply
     # keeps the weights out of the optimizer; the architecture gradients are the same)
     for p in model.parameters():

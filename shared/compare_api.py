@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from shared.errors import UserError
+
 
 @dataclass
 class Context:
@@ -49,7 +51,7 @@ class Variant:
     extra: dict = field(default_factory=dict)       # anything else worth reporting
 
 
-class MissingArtefact(FileNotFoundError):
+class MissingArtefact(UserError, FileNotFoundError):
     def __init__(self, what, path, command):
         self.what, self.path, self.command = what, path, command
         super().__init__(f'{what} not found at {path}; make it with: {command}')

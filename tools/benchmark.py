@@ -14,21 +14,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from shared.args import CheckedArgumentParser  # noqa: E402
+from shared.errors import run_cli  # noqa: E402
 from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--method', required=False)
-    known, _ = pre.parse_known_args(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--method', required=True, choices=sorted(MEASURE_MODULES))
-    if known.method is None:
-        parser.parse_args(argv)  # prints the usage error
-    hooks = measure_module(known.method)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES))
+    method = pre.parse_known_args(argv)[0].method
+    if method is None:
+        parser.parse_args(argv)  # --help, or the usage error naming --method
+    hooks = measure_module(method)
     hooks.add_benchmark_args(parser)
     return hooks.benchmark(parser.parse_args(argv))
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -8,6 +8,7 @@ evaluates every point on the same validation images and writes a table (terminal
 
     python tools/compare.py
     python tools/compare.py --methods tome,diffrate --r 2 4 --target-flops 0.03
+    python tools/compare.py --methods tome,tocom --r 2 4 6
     python tools/compare.py --data-set IMNET --data-path /data/imagenet --model deit_small_patch16_224 \
         --checkpoint deit_small.pth --input-size 224 --tocom-path tocom.pth ...
 
@@ -31,7 +32,9 @@ sys.path.insert(0, ROOT)  # run from a plain checkout too
 
 import torch  # noqa: E402
 
+from shared.args import CheckedArgumentParser, check_finite_weights, load_checkpoint  # noqa: E402
 from shared.compare_api import Context, MissingArtefact, Variant, make_data_args  # noqa: E402
+from shared.errors import UserError, debug_requested  # noqa: E402
 
 # method name -> hook module (the protocol is in shared/compare_api.py)
 METHOD_MODULES = {
@@ -50,14 +53,25 @@ FIELDS = ['method', 'label', 'acc1', 'acc5', 'gflops', 'img_per_s', 'latency_ms'
           'throughput_batch', 'dtype', 'device', 'seed', 'settings', 'weights']
 
 
+class ErrorExit(SystemExit):
+    """Exit status 2 once the `error:` line is printed; str() is the message, for Python callers of main()."""
+
+    def __init__(self, error):
+        super().__init__(2)
+        self.error = error
+
+    def __str__(self):
+        return str(self.error)
+
+
 def hook_module(method):
     if method not in METHOD_MODULES:
-        raise SystemExit(f"unknown method '{method}'; known methods: {', '.join(sorted(METHOD_MODULES))}")
+        raise UserError(f"unknown method '{method}' in --methods; known methods: {', '.join(sorted(METHOD_MODULES))}")
     return importlib.import_module(METHOD_MODULES[method])
 
 
 def get_parser(methods):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--methods', default=','.join(DEFAULT_METHODS),
                         help=f'comma-separated, from {", ".join(sorted(METHOD_MODULES))}')
     parser.add_argument('--data-set', default='DIGITS')
@@ -86,12 +100,16 @@ def get_parser(methods):
         if hasattr(module, 'add_args') and not getattr(parser, f'_added_{module.__name__}', False):
             module.add_args(parser)
             setattr(parser, f'_added_{module.__name__}', True)
+    if {'tome', 'tocom'} & set(methods):
+        # the project's spelling of ToMe's r (tools/flops.py, tools/benchmark.py, the README's sweep)
+        parser.add_argument('--r', dest='tome_r', type=int, nargs='+', default=argparse.SUPPRESS,
+                            help='the same as --tome-r')
     return parser
 
 
 def parse_methods(argv):
     """The requested methods; by default every method whose hook module is importable (the others are named)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('--methods', default=None)
     known, _ = pre.parse_known_args(argv)
     if known.methods is None:
@@ -104,9 +122,12 @@ def parse_methods(argv):
                 print(f'| skipping {m}: its compare hook {METHOD_MODULES[m]} cannot be imported ({e})')
         return methods
     methods = [m.strip() for m in known.methods.split(',') if m.strip()]
-    for m in methods:
-        if m not in METHOD_MODULES:
-            raise SystemExit(f"unknown method '{m}'; known methods: {', '.join(sorted(METHOD_MODULES))}")
+    if not methods:
+        raise UserError(f"--methods {known.methods!r} names no method; known methods: {', '.join(sorted(METHOD_MODULES))}")
+    unknown = [m for m in methods if m not in METHOD_MODULES]
+    if unknown:
+        raise UserError(f"unknown method '{unknown[0]}' in --methods; known methods: "
+                        f"{', '.join(sorted(METHOD_MODULES))}")
     return methods
 
 
@@ -131,7 +152,7 @@ def ensure_baseline(args):
                                   'python tools/train_baseline.py --output_dir DIR (or a DeiT/timm checkpoint)')
         return args.checkpoint
     if args.data_set != 'DIGITS':
-        raise SystemExit('--checkpoint is required outside the embedded DIGITS data set')
+        raise UserError(f'--checkpoint is required outside the embedded DIGITS data set (--data-set {args.data_set})')
     if args.model == 'vit_digits_patch4_32' and not args.retrain_baseline and os.path.isfile(SHIPPED_BASELINE):
         return SHIPPED_BASELINE
     out = os.path.join(args.cache_dir, f'baseline_{args.model}_e{args.baseline_epochs}_s{args.seed}')
@@ -144,7 +165,7 @@ def ensure_baseline(args):
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             print(proc.stdout[-4000:])
-            raise SystemExit('baseline training failed: ' + ' '.join(cmd))
+            raise UserError('baseline training failed (its output is above): ' + ' '.join(cmd))
         last = [line for line in proc.stdout.splitlines() if line.startswith('* Acc@1')]
         print(f'| baseline trained: {last[-1] if last else "(no evaluation line)"}')
         open(os.path.join(out, 'done'), 'w').close()
@@ -152,10 +173,11 @@ def ensure_baseline(args):
 
 
 def build_context(args):
-    from shared.checkpoint import safe_load, to_timm_state_dict
+    from shared.checkpoint import to_timm_state_dict
     input_size = args.input_size or (32 if args.data_set == 'DIGITS' else 224)
     ckpt = ensure_baseline(args)
-    state = to_timm_state_dict(safe_load(ckpt))
+    state = to_timm_state_dict(load_checkpoint(ckpt, '--checkpoint'))
+    check_finite_weights(state, ckpt, '--checkpoint')
     head = state.get('head.weight')
     model_kwargs = {'num_classes': int(head.shape[0]) if head is not None else 1000}
     if input_size != 224 or args.model == 'vit_digits_patch4_32':
@@ -286,15 +308,30 @@ def plot(rows, out_dir):
         plt.close(fig)
 
 
+def check_args(args, parser):
+    for v in getattr(args, 'target_flops', None) or ():
+        if not v > 0:
+            parser.error(f'--target-flops {v}: must be a positive number of GFLOPs')
+    return args
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    methods = parse_methods(argv)
-    args = get_parser(methods).parse_args(argv)
-    torch.manual_seed(args.seed)
+    """The command line; a user error prints one `error:` line and raises ErrorExit (SystemExit, status 2)."""
     try:
-        ctx = build_context(args)
-    except MissingArtefact as e:
-        raise SystemExit(f'error: {e}')
+        return run(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        if debug_requested():
+            raise
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        raise ErrorExit(e) from None
+
+
+def run(argv):
+    methods = parse_methods(argv)
+    parser = get_parser(methods)
+    args = check_args(parser.parse_args(argv), parser)
+    torch.manual_seed(args.seed)
+    ctx = build_context(args)
     ctx.artefacts = {k: v for k, v in vars(args).items() if k.endswith('_path') and k != 'data_path' and v}
     from shared.datasets import build_dataset
     from tqdm import tqdm
@@ -306,8 +343,8 @@ def main(argv=None):
         start = time.time()
         try:
             made = hook_module(method).variants(method, ctx, args)
-        except MissingArtefact as e:
-            raise SystemExit(f'error ({method}): {e}')
+        except UserError as e:
+            raise UserError(f'{method}: {e}') from None
         print(f'| {method}: {len(made)} point(s) in {time.time() - start:.1f} s')
         variants.extend(made)
     rows = [measure(v, ctx, val_loader, args) for v in tqdm(variants, desc='measuring', disable=None)]
@@ -316,4 +353,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    main()  # prints one `error:` line for a user error (ErrorExit)

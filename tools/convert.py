@@ -4,14 +4,20 @@ SRC: a Google ViT `.npz`, a DeiT `.pth` ({'model': ...}), a plain or DDP (`modul
 fine-tuned checkpoint. DST gets {'model': state_dict} (DeiT's layout), checked to load strictly into NAME (built
 with --num-classes / --img-size / --global-pool) unless the head is left out on purpose (--no-head)."""
 import argparse
+import os
 import sys
 
-from shared.checkpoint import CheckpointError, atomic_save, convert_checkpoint, load_weights
-from shared.models import create_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout too
+
+from shared.args import check_checkpoint_file, check_finite_weights  # noqa: E402
+from shared.checkpoint import atomic_save, convert_checkpoint, load_weights  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
+from shared.models import create_model  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Convert a checkpoint into a timm model state dict', add_help=True)
+    parser = argparse.ArgumentParser('Convert a checkpoint into a timm model state dict', add_help=True,
+                                     allow_abbrev=False)
     parser.add_argument('src', help='.npz (Google ViT) or .pth/.bin (DeiT, timm, DDP, MAE)')
     parser.add_argument('dst', help='output .pth ({"model": state_dict})')
     parser.add_argument('--model', required=True, help='timm model name, e.g. deit_small_patch16_224')
@@ -28,16 +34,26 @@ def get_args_parser():
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    """0 when DST was written; 1 (after one `error:` line on stderr) when SRC cannot become NAME's weights."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for flag, v in (('--num-classes', args.num_classes), ('--img-size', args.img_size)):
+        if v is not None and v < 1:
+            parser.error(f'{flag} {v}: must be at least 1')
     kwargs = {k: v for k, v in (('num_classes', args.num_classes), ('img_size', args.img_size),
                                 ('global_pool', args.global_pool)) if v is not None}
-    model = create_model(args.model, **kwargs)
     try:
+        model = create_model(args.model, **kwargs)
+    except (RuntimeError, ValueError) as e:  # an unknown model name
+        raise UserError(f'--model {args.model}: {e}') from None
+    try:
+        check_checkpoint_file(args.src, 'SRC')
         state_dict = convert_checkpoint(args.src, model, args.pos_embed_interp, args.align_corners)
+        check_finite_weights(state_dict, args.src, 'SRC')
         if args.no_head:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
         result = load_weights(model, state_dict, strict=not args.no_head, source=args.src)
-    except CheckpointError as e:
+    except UserError as e:  # CheckpointError included
         print(f'error: {e}', file=sys.stderr)
         return 1
     atomic_save({'model': state_dict}, args.dst)
@@ -48,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -12,16 +12,33 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout too
 
-from tools._dispatch import measure_module  # noqa: E402
+from shared.args import CheckedArgumentParser  # noqa: E402
+from shared.errors import UserError, run_cli  # noqa: E402
+from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
+
+
+def method_of(argv):
+    """--method alone, before the method's own flags are known (a name it does not know is a usage error)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES))
+    return pre.parse_known_args(argv)[0].method
+
+
+def check_data_given(args, parser):
+    """Methods whose FLOPs depend on the images (A-ViT) read a data set; without one, say what to pass."""
+    if getattr(args, 'data_path', None) == '' and str(getattr(args, 'data_set', '')).upper() not in ('DIGITS', 'FAKE') \
+            and not getattr(args, 'full_depth', False):
+        parser.error(f'--method {args.method}: its FLOPs depend on the images, so it evaluates a data set: give '
+                     f'--data-path DIR (the --data-set {args.data_set} root), or --data-set DIGITS for the embedded '
+                     'one, or --full-depth for the uncompressed count without data')
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--method', default=None)
-    known, _ = pre.parse_known_args(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--method', default=None, help='tome, tocom, diffrate, avit, tavt, toe; none: the plain model')
-    if known.method is None:
+    method = method_of(argv)
+    parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES),
+                        help='a method\'s configuration; none: the plain model')
+    if method is None:
         parser.add_argument('--model', default='deit_small_patch16_224')
         parser.add_argument('--input-size', default=None, type=int)
         parser.add_argument('--num-classes', default=None, type=int)
@@ -29,15 +46,20 @@ def main(argv=None):
         from shared.flops import model_macs
         from shared.models import create_model
         kwargs = {k: v for k, v in (('img_size', args.input_size), ('num_classes', args.num_classes)) if v}
-        gflops = model_macs(create_model(args.model, **kwargs)) / 1e9
+        try:
+            model = create_model(args.model, **kwargs)
+        except (RuntimeError, ValueError) as e:  # an unknown model name
+            raise UserError(f'--model {args.model}: {e}') from None
+        gflops = model_macs(model) / 1e9
     else:
-        hooks = measure_module(known.method)
+        hooks = measure_module(method)
         hooks.add_flops_args(parser)
         args = parser.parse_args(argv)
+        check_data_given(args, parser)
         gflops = hooks.flops(args)
     print(f'GFLOPs={gflops:.3f}')
     return gflops
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)
