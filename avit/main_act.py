@@ -29,8 +29,8 @@ from shared.amp import amp_enabled
 from shared.args import deit_parser
 from shared.checkpoint import CheckpointError, load_finetune, load_training_state  # noqa: F401 (re-exported)
 from shared.datasets import build_dataset, build_loaders
-from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp
-from shared.engine import build_criterion, build_mixup, build_model_ema, build_optimization, TensorboardLogger
+from shared.distributed import init_distributed_mode, seed_per_rank
+from shared.engine import TensorboardLogger, build_criterion, build_mixup, build_optimization, prepare_model
 from shared.errors import UserError, run_cli
 from shared.trainer import Trainer
 from shared.models import create_model
@@ -201,14 +201,8 @@ def main(args):
     if args.finetune:
         model.gate_scale, model.gate_center = args.gate_scale, args.gate_center
         print('Setting h gate scale as {} and bias as {}'.format(args.gate_scale, args.gate_center))
-    model.to(device)
-
-    model_ema = build_model_ema(model, args)
-
     # The official run passes find_unused_parameters=True; the halting loop uses every parameter.
-    model, model_without_ddp = wrap_ddp(model, args, model_ema=model_ema)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print('number of params:', n_parameters)
+    model, model_without_ddp, model_ema, n_parameters = prepare_model(model, args, device)
 
     optimizer, loss_scaler, lr_scheduler = build_optimization(args, model_without_ddp, device)
     criterion = build_criterion(args, mixup_fn)

@@ -11,7 +11,7 @@ from timm.scheduler import create_scheduler
 from timm.utils import accuracy
 
 from shared.amp import autocast, build_loss_scaler
-from shared.distributed import get_world_size, is_main_process
+from shared.distributed import get_world_size, is_main_process, wrap_ddp
 from shared.losses import DistillationLoss
 from shared.metrics import MetricLogger, SmoothedValue
 from shared.trainer import check_finite_loss
@@ -31,6 +31,17 @@ def build_optimization(args, model_without_ddp, device):
     loss_scaler = build_loss_scaler(args, device)
     lr_scheduler, _ = create_scheduler(args, optimizer)
     return optimizer, loss_scaler, lr_scheduler
+
+
+def prepare_model(model, args, device, find_unused_parameters=False, legacy_ema=False):
+    """DeiT's set-up of a built model: on the device, its weight EMA (--model-ema), wrapped in DDP when distributed.
+    Returns (model, model_without_ddp, model_ema, number of trainable parameters)."""
+    model.to(device)
+    model_ema = build_model_ema(model, args, legacy=legacy_ema)
+    model, model_without_ddp = wrap_ddp(model, args, find_unused_parameters, model_ema=model_ema)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print('number of params:', n_parameters)
+    return model, model_without_ddp, model_ema, n_parameters
 
 
 def build_mixup(args, nb_classes):

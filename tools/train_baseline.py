@@ -26,9 +26,9 @@ from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import load_finetune  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
-from shared.distributed import init_distributed_mode, seed_per_rank, wrap_ddp  # noqa: E402
-from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_model_ema,  # noqa: E402
-                           build_optimization, evaluate, train_one_epoch)
+from shared.distributed import init_distributed_mode, seed_per_rank  # noqa: E402
+from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization,  # noqa: E402
+                           evaluate, prepare_model, train_one_epoch)
 from shared.errors import run_cli  # noqa: E402
 from shared.models import create_model  # noqa: E402
 from shared.trainer import Trainer  # noqa: E402
@@ -67,13 +67,7 @@ def main(args):
                          img_size=args.input_size)
     if args.finetune:
         load_finetune(model, args.finetune)
-    model.to(device)
-
-    model_ema = build_model_ema(model, args)
-
-    model, model_without_ddp = wrap_ddp(model, args, model_ema=model_ema)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print('number of params:', n_parameters)
+    model, model_without_ddp, model_ema, n_parameters = prepare_model(model, args, device)
 
     optimizer, loss_scaler, lr_scheduler = build_optimization(args, model_without_ddp, device)
     criterion = build_criterion(args, mixup_fn)
