@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from shared.amp import amp_enabled
 from shared.args import deit_parser
 from shared.checkpoint import CheckpointError, load_finetune, load_training_state  # noqa: F401 (re-exported)
 from shared.datasets import build_dataset, build_loaders
-from shared.distributed import init_distributed_mode, seed_per_rank
-from shared.engine import TensorboardLogger, build_criterion, build_mixup, build_optimization, prepare_model
+from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization, prepare_model,
+                           start_run)
 from shared.errors import UserError, run_cli
 from shared.trainer import Trainer
 from shared.models import create_model
@@ -171,15 +170,7 @@ def build_avit(args, num_classes):
 
 
 def main(args):
-    init_distributed_mode(args)
-    print(args)
-    device = torch.device(args.device)
-    amp = amp_enabled(args, device)
-
-    # python's random drives timm's RandAugment (the default --aa) and random erasing: seeded, the same command
-    # gives the same run (the original left it unseeded)
-    seed_per_rank(args.seed, python_random=True)
-    torch.backends.cudnn.benchmark = True
+    device, amp, _ = start_run(args)  # python's random seeded too (the original left it unseeded)
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
     dataset_val, _ = build_dataset(is_train=False, args=args)

@@ -10,11 +10,23 @@ from timm.optim import create_optimizer
 from timm.scheduler import create_scheduler
 from timm.utils import accuracy
 
-from shared.amp import autocast, build_loss_scaler
-from shared.distributed import get_world_size, is_main_process, wrap_ddp
+from shared.amp import amp_enabled, autocast, build_loss_scaler
+from shared.distributed import get_world_size, init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp
 from shared.losses import DistillationLoss
 from shared.metrics import MetricLogger, SmoothedValue
 from shared.trainer import check_finite_loss
+
+
+def start_run(args):
+    """The opening of a DeiT-style main: the process group (or a single process), the arguments printed, the device
+    and AMP, per-rank seeds (python's `random` too: RandAugment and random erasing draw from it, so the same command
+    gives the same run) and cuDNN autotuning. Returns (device, amp, this rank's seed)."""
+    init_distributed_mode(args)
+    print(args)
+    device = torch.device(args.device)
+    seed = seed_per_rank(args.seed, python_random=True)
+    torch.backends.cudnn.benchmark = True
+    return device, amp_enabled(args, device), seed
 
 
 def scale_lr(args):

@@ -20,15 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a plain checkout too
 
-import torch  # noqa: E402
-
-from shared.amp import amp_enabled  # noqa: E402
 from shared.args import deit_parser  # noqa: E402
 from shared.checkpoint import load_finetune  # noqa: E402
 from shared.datasets import build_dataset, build_loaders  # noqa: E402
-from shared.distributed import init_distributed_mode, seed_per_rank  # noqa: E402
 from shared.engine import (TensorboardLogger, build_criterion, build_mixup, build_optimization,  # noqa: E402
-                           evaluate, prepare_model, train_one_epoch)
+                           evaluate, prepare_model, start_run, train_one_epoch)
 from shared.errors import run_cli  # noqa: E402
 from shared.models import create_model  # noqa: E402
 from shared.trainer import Trainer  # noqa: E402
@@ -49,13 +45,7 @@ def get_args_parser():
 
 
 def main(args):
-    init_distributed_mode(args)
-    print(args)
-    device = torch.device(args.device)
-    amp = amp_enabled(args, device)
-
-    seed_per_rank(args.seed, python_random=True)
-    torch.backends.cudnn.benchmark = True
+    device, amp, _ = start_run(args)
 
     dataset_train, nb_classes = build_dataset(is_train=True, args=args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
