@@ -11,6 +11,14 @@ Output: `<--output or ./output>/train/<YYYYmmdd-HHMMSS>-<model>-<img size>/` wit
 (train_loss, train_total_train_time, eval_loss, eval_top1, eval_top5) and timm-saver checkpoints
 (checkpoint-<epoch>.pth.tar, last.pth.tar, model_best.pth.tar) whose keys follow timm's saver.
 
+Resume: each epoch's checkpoint, written after evaluation, also holds every rank's RNG states, the summary rows and
+the saver's best metric and kept files. Rerunning the same command continues the newest run of this model and input
+size under --output in its own folder (auto-resume; summary.csv rewritten from the stored rows, so each finished epoch
+appears once) and ends bit-identical to an uninterrupted run; --no-auto-resume refuses such a folder instead.
+`--resume FILE` loads FILE and starts a new run folder, as the original does. The output folder is locked against a
+second live run, every file is written atomically, and a NaN/Inf loss or weight stops the run before anything is saved.
+The eval split is labelled with the training split's class indices ('validation' falls back to 'val').
+
 Differences from the original (toe/README.md): NVIDIA apex is replaced by torch.amp (`--apex-amp`, `--amp`,
 `--native-amp` all mean torch autocast + GradScaler, on CUDA only); `--local_rank` and `--local-rank` are both
 accepted and torchrun's LOCAL_RANK decides the device; `--sync-bn` uses torch's SyncBatchNorm (the original crashed);
