@@ -577,7 +577,9 @@ def main(args, args_text=''):
     model_ema = build_model_ema(model, args)  # a copy with the selector's flag off: validated on all tokens
     if model_ema is not None and checkpoint is not None and 'state_dict_ema' in checkpoint:
         load_weights(model_ema.module, checkpoint['state_dict_ema'], source=f'{resume_path} (state_dict_ema)')
-    model, model_without_ddp = wrap_ddp(model, args)
+    ema_resumed = model_ema is not None and checkpoint is not None and 'state_dict_ema' in checkpoint
+    # a fresh EMA starts from the broadcast weights on every rank; a resumed one already holds the saved weights
+    model, model_without_ddp = wrap_ddp(model, args, model_ema=None if ema_resumed else model_ema)
 
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)
     start_epoch = args.start_epoch if args.start_epoch is not None else resume_epoch or 0
