@@ -205,12 +205,10 @@ NON_NEGATIVE = ('r', 'tome_r', 'warmup', 'num_workers', 'threads', 'warmup_epoch
 
 
 def flag_of(parser, dest):
-    """The first option string of `dest` in `parser` (what the user typed), or --dest."""
-    for action in parser._actions:
-        if action.dest == dest and action.option_strings:
-            long = [o for o in action.option_strings if o.startswith('--')]
-            return (long or action.option_strings)[0]
-    return '--' + dest
+    """The long option strings that set `dest` in `parser`, e.g. '--tome-r/--r', or --dest."""
+    flags = [o for action in parser._actions if action.dest == dest for o in action.option_strings]
+    flags = [o for o in flags if o.startswith('--')] or flags
+    return '/'.join(flags) or '--' + dest
 
 
 def _values(value):
