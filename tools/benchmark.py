@@ -19,17 +19,21 @@ from shared.errors import run_cli  # noqa: E402
 from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
 
 
-def main(argv=None):
+def get_parser(argv=None):
+    """The parser for this command line: --method, and that method's own flags once it is given."""
     parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--method', required=True, choices=sorted(MEASURE_MODULES))
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES))
     method = pre.parse_known_args(argv)[0].method
-    if method is None:
-        parser.parse_args(argv)  # --help, or the usage error naming --method
-    hooks = measure_module(method)
-    hooks.add_benchmark_args(parser)
-    return hooks.benchmark(parser.parse_args(argv))
+    if method is not None:
+        measure_module(method).add_benchmark_args(parser)
+    return parser
+
+
+def main(argv=None):
+    args = get_parser(argv).parse_args(argv)  # without --method: --help, or the usage error naming it
+    return measure_module(args.method).benchmark(args)
 
 
 if __name__ == '__main__':

@@ -33,7 +33,8 @@ def check_data_given(args, parser):
                      'one, or --full-depth for the uncompressed count without data')
 
 
-def main(argv=None):
+def get_parser(argv=None):
+    """The parser for this command line: the plain model's flags, or --method's own (its hook adds them)."""
     method = method_of(argv)
     parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES),
@@ -42,7 +43,15 @@ def main(argv=None):
         parser.add_argument('--model', default='deit_small_patch16_224')
         parser.add_argument('--input-size', default=None, type=int)
         parser.add_argument('--num-classes', default=None, type=int)
-        args = parser.parse_args(argv)
+    else:
+        measure_module(method).add_flops_args(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = get_parser(argv)
+    args = parser.parse_args(argv)
+    if args.method is None:
         from shared.flops import model_macs
         from shared.models import create_model
         kwargs = {k: v for k, v in (('img_size', args.input_size), ('num_classes', args.num_classes)) if v}
@@ -52,11 +61,8 @@ def main(argv=None):
             raise UserError(f'--model {args.model}: {e}') from None
         gflops = model_macs(model) / 1e9
     else:
-        hooks = measure_module(method)
-        hooks.add_flops_args(parser)
-        args = parser.parse_args(argv)
         check_data_given(args, parser)
-        gflops = hooks.flops(args)
+        gflops = measure_module(args.method).flops(args)
     print(f'GFLOPs={gflops:.3f}')
     return gflops
 
