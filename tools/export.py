@@ -12,7 +12,8 @@ the graph's token counts, so the graph has static shapes except the batch axis. 
 tokens each block runs on depends on the image (data-dependent halting), which an ONNX graph of fixed operators does
 not express without running every block on every token.
 
-The exporter is torch's TorchScript-based one (`dynamo=False`). ONNX has no mean reduction for ScatterElements
+The exporter is torch's TorchScript-based one (`dynamo=False`): it needs only onnx, while torch's newer
+torch.export-based exporter also needs onnxscript. ONNX has no mean reduction for ScatterElements
 (pytorch#101535), so `scatter_reduce(..., reduce='mean')` (DiffRate's merge) is exported as a scatter-add of the
 values divided by a scatter-add of the counts, both including the destination itself; the PyTorch model keeps its op.
 """
@@ -74,6 +75,7 @@ def export_onnx(model, example, path, opset=MIN_OPSET, dynamic_batch=True):
     # the tracer warns where token counts become Python ints; fixing them is the point of exporting at fixed settings
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        warnings.simplefilter('ignore', DeprecationWarning)  # the TorchScript exporter is chosen on purpose, above
         torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset, input_names=['images'],
                           output_names=['logits'], dynamic_axes=axes)
     return path
