@@ -1,6 +1,5 @@
 """DeiT's engine: one training epoch, evaluation, and the set-up every DeiT-style entry script repeats
 (linear lr scaling, optimizer, scheduler, loss scaler, mixup, criterion, epoch logs)."""
-import json
 import os
 
 import torch
@@ -163,14 +162,6 @@ def evaluate(data_loader, model, device, amp=False, forward_fn=None, print_freq=
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f}")  # DeiT's summary line
     return stats
-
-
-def log_epoch(output_dir, log_stats, filename='log.txt'):
-    """Append one JSON line to <output_dir>/log.txt on rank 0, as DeiT does."""
-    if output_dir and is_main_process():
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, filename), 'a') as f:
-            f.write(json.dumps(log_stats) + '\n')
 
 
 class TensorboardLogger:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from shared import args as shared_args
-from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, log_epoch, train_one_epoch
+from shared.engine import build_criterion, build_mixup, build_optimization, evaluate, train_one_epoch
+from shared.rundir import RunDir
 from shared.flops import flop_counter_macs, model_macs, vit_macs
 from shared.metrics import MetricLogger, SmoothedValue
 from shared.models import DIGITS_VIT, create_model
@@ -59,7 +60,7 @@ def test_train_one_epoch_lowers_the_loss_and_evaluate_reports(tmp_path, capsys):
     assert stats['loss'] < first * 0.7
     out = capsys.readouterr().out
     assert '* Acc@1' in out and 'Averaged stats:' in out and 'Epoch: [3]' in out
-    log_epoch(str(tmp_path), {'epoch': 3, 'test_acc1': stats['acc1']})
+    RunDir(tmp_path).append_log({'epoch': 3, 'test_acc1': stats['acc1']})
     assert '"test_acc1"' in (tmp_path / 'log.txt').read_text()
 
 
