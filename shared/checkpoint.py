@@ -82,6 +82,10 @@ def safe_load(path, map_location='cpu'):
                 '(only tensors, containers, argparse.Namespace and numpy values are read). Convert it where you trust '
                 'its source, e.g. torch.save({"model": state_dict}, ...)') from None
         raise CheckpointError(f'{path}: not a readable torch checkpoint ({e})') from None
+    except (KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        # what torch's legacy unpickler raises on a text or other non-checkpoint file (e.g. KeyError: 101)
+        raise CheckpointError(f'{path}: not a torch checkpoint (a text or other file; reading it failed with '
+                              f'{type(e).__name__}: {e})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         size = os.path.getsize(path)
         raise CheckpointError(f'{path}: cannot read this checkpoint ({size} bytes; truncated or not a torch file): '
@@ -495,6 +499,11 @@ def load_finetune_state(model, state, source, ignore_missing=(), head_keys=_HEAD
     sharing no weight with the model, or lacking some of its non-classifier weights (but those whose name contains one
     of `ignore_missing`, e.g. modules a method adds to the backbone)."""
     state = dict(state)
+    broken = [k for k, v in state.items()
+              if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if broken:
+        raise CheckpointError(f'{source}: non-finite (NaN/Inf) values in {_short(broken, 5)}; these weights are '
+                              'broken, refusing them')
     own = model.state_dict()
     _fit_pos_embed(state, model, 'bicubic', False)
     for k in head_keys:
