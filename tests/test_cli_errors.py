@@ -40,13 +40,7 @@ OUTPUT_FLAG = {'tools/compare.py': '--output-dir', 'toe/lvvit/main.py': '--outpu
 
 # Inputs of files we do not own that are not yet answered as required: (case id -> why)
 OTHERS = {
-    'tocom-text-finetune': 'shared/checkpoint.py safe_load: a text file raises a bare IndexError/KeyError '
-                           '(tocom/main.py loads --finetune through it unchecked)',
     'tocom-pretrain-no-weights': 'tocom/main.py: --r_src -1 pre-training without --finetune runs on random weights',
-    'tocom-finetune-nan': 'tocom/main.py: NaN --finetune weights are not refused',
-    'avit-finetune-nan': 'avit/main_act.py: NaN --finetune weights are not refused',
-    'avit-text-finetune': 'shared/checkpoint.py safe_load: a text file raises a bare IndexError (avit/main_act.py '
-                          'loads --finetune through it unchecked)',
     **{f'tavt-{k}': 'tavt/train.py: no parse-time check of this flag; it first stops on the absent default '
                     '--pretrained_dir with a FileNotFoundError traceback'
        for k in ('num-steps-0', 'eval-every-0', 'accumulation-0', 'length-drop-bound', 'missing-data-root')},
