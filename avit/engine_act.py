@@ -82,7 +82,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     freq = getattr(args, 'print_freq', 100)
     return deit_engine.train_one_epoch(
         model, criterion, data_loader, optimizer, device, epoch, loss_scaler, max_norm, model_ema, mixup_fn,
-        set_training_mode=set_training_mode, amp=amp, print_freq=freq,
+        set_training_mode=set_training_mode, amp=amp, print_freq=freq, accum_iter=getattr(args, 'accum_iter', 1),
         loss_fn=act_loss_fn(args, criterion, optimizer, tb_logger, tb_freq=freq))
 
 

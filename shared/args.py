@@ -49,6 +49,9 @@ def add_optimizer_args(parser):
     g.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
     g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
+    g.add_argument('--accum-iter', '--accum_iter', dest='accum_iter', type=int, default=1, metavar='N',
+                   help='accumulate gradients over N batches per optimizer step (MAE\'s flag): a global batch of '
+                        'batch-size x processes x N, e.g. an 8-GPU recipe on 2 GPUs with N = 4')
     g.add_argument('--momentum', type=float, default=0.9, metavar='M')
     g.add_argument('--weight-decay', type=float, default=0.05)
     return g

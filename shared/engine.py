@@ -1,5 +1,6 @@
 """DeiT's engine: one training epoch, evaluation, and the set-up every DeiT-style entry script repeats
 (linear lr scaling, optimizer, scheduler, loss scaler, mixup, criterion, epoch logs)."""
+import contextlib
 import os
 
 import torch
@@ -29,9 +30,10 @@ def start_run(args):
 
 
 def scale_lr(args):
-    """DeiT's linear scaling: lr * batch_size * world_size / 512 unless --unscale-lr."""
+    """DeiT's linear scaling by the global batch: lr * batch_size * world_size * accum_iter / 512 unless
+    --unscale-lr."""
     if not getattr(args, 'unscale_lr', False):
-        args.lr = args.lr * args.batch_size * get_world_size() / 512.0
+        args.lr = args.lr * args.batch_size * get_world_size() * getattr(args, 'accum_iter', 1) / 512.0
     return args.lr
 
 
@@ -106,15 +108,18 @@ def to_device(device, *tensors):
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, max_norm=0,
                     model_ema=None, mixup_fn=None, set_training_mode=True, amp=False, loss_fn=None,
-                    bce_loss=False, print_freq=10, tb_logger=None, header=None):
+                    bce_loss=False, print_freq=10, tb_logger=None, header=None, accum_iter=1):
     """One epoch as DeiT's engine does it. `loss_fn(model, samples, targets) -> (loss, {meter: value})` lets a
-    method compute its own loss (ponder, distillation, FLOPs penalty, ...) and log its own meters."""
+    method compute its own loss (ponder, distillation, FLOPs penalty, ...) and log its own meters.
+
+    accum_iter: the optimizer (and the EMA) steps once every `accum_iter` batches on the mean of their gradients, as
+    MAE's engine does; a last incomplete group of an epoch is dropped."""
     model.train(set_training_mode)
     loss_fn = loss_fn or _default_loss(criterion, bce_loss)
     metric_logger = MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = header or f'Epoch: [{epoch}]'
-    for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         samples, targets = to_device(device, samples, targets)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -122,13 +127,19 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
             loss, extra = loss_fn(model, samples, targets)
         loss_value = loss.item()
         check_finite_loss(loss_value, epoch)
-        optimizer.zero_grad()
-        # second-order optimizers (timm's AdaHessian) need the graph of the gradients
-        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(),
-                    create_graph=getattr(optimizer, 'is_second_order', False))
+        if step % accum_iter == 0:
+            optimizer.zero_grad()
+        update = (step + 1) % accum_iter == 0
+        if accum_iter > 1:
+            loss = loss / accum_iter
+        # DDP reduces gradients only on the batch that steps; second-order optimizers (timm's AdaHessian) need the
+        # graph of the gradients
+        with contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync():
+            loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+                        create_graph=getattr(optimizer, 'is_second_order', False), need_update=update)
         if device.type == 'cuda':
             torch.cuda.synchronize()  # per-step timings and the EMA see finished kernels
-        if model_ema is not None:
+        if model_ema is not None and update:
             model_ema.update(model)
         metric_logger.update(loss=loss_value, **extra, lr=optimizer.param_groups[0]['lr'])
     metric_logger.synchronize_between_processes()

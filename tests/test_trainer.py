@@ -211,3 +211,31 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     error_lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert error_lines == [error_lines[0]] and error_lines[0].startswith('error: output folder ')
     assert 'Traceback' not in run.stderr
+
+
+def test_accumulated_steps_equal_one_step_of_the_whole_batch():
+    """--accum-iter 2 over batches of 4 makes the update of one batch of 8 (no dropout, no mixup), and DeiT's lr
+    scaling counts the accumulated batch."""
+    from shared.args import deit_parser
+    from shared.engine import scale_lr
+
+    def trained(batch_size, accum_iter):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+        data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size)  # same order for both
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        criterion = torch.nn.CrossEntropyLoss()
+        train_one_epoch(model, criterion, loader, optimizer, torch.device('cpu'), 0,
+                        NativeScaler(torch.device('cpu'), False), print_freq=100, accum_iter=accum_iter,
+                        loss_fn=lambda m, x, y: (criterion(m(x), y), {}))
+        return model.state_dict(), optimizer.state_dict()['state'][0]['step']
+
+    (accumulated, steps_a), (whole, steps_w) = trained(4, 2), trained(8, 1)
+    assert steps_a == steps_w == 2
+    for k in whole:
+        assert torch.allclose(accumulated[k], whole[k], atol=1e-6), k
+    (single, _) = trained(4, 1)
+    assert not all(torch.allclose(single[k], whole[k], atol=1e-6) for k in whole)  # the test can fail
+    args = deit_parser().parse_args(['--batch-size', '64', '--lr', '5e-4', '--accum-iter', '4'])
+    assert scale_lr(args) == pytest.approx(5e-4 * 64 * 4 / 512)

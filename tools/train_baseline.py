@@ -66,7 +66,8 @@ def main(args):
     def train_epoch(epoch):
         return train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode, amp=amp,
-                               bce_loss=args.bce_loss, print_freq=args.print_freq, tb_logger=tb_logger)
+                               bce_loss=args.bce_loss, print_freq=args.print_freq, tb_logger=tb_logger,
+                               accum_iter=args.accum_iter)
 
     def evaluate_epoch(epoch):
         stats = evaluate(data_loader_val, model, device, amp=amp, print_freq=args.print_freq)

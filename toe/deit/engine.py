@@ -97,7 +97,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     stats = shared_engine.train_one_epoch(
         model, criterion, data_loader, optimizer, device, epoch, timer.wrap_scaler(loss_scaler), max_norm=max_norm,
         model_ema=timer.wrap_ema(model_ema), mixup_fn=mixup_fn, set_training_mode=set_training_mode, amp=amp,
-        loss_fn=make_loss_fn(criterion, args, timer), print_freq=print_freq)
+        loss_fn=make_loss_fn(criterion, args, timer), print_freq=print_freq,
+        accum_iter=getattr(args, 'accum_iter', 1))
     stats['total_train_time'] = all_reduce_mean(timer.total)
     print(f'total_train_time (forward+backward+step, this epoch): {stats["total_train_time"]:.3f} s')
     return stats
