@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from shared.args import CheckedArgumentParser
 from shared.checkpoint import atomic_save, rng_state, safe_load, save_checkpoint, set_rng_state
 from shared.distributed import (barrier, get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized,
                                 is_main_process, unwrap_model)
@@ -46,7 +47,9 @@ MODEL_TYPES = ["ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "tiny
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('TAVT', add_help=True)
+    # checked (shared.args.validate_common): --num_steps, --eval_every, --gradient_accumulation_steps, --img_size at
+    # least 1, --length_drop_ratio_bound in [0, 1]; no abbreviated flags
+    p = CheckedArgumentParser('TAVT', add_help=True)
     p.add_argument("--name", required=True, help="Name of this run: checkpoint <output_dir>/<name>_checkpoint.bin, "
                                                  "TensorBoard logs/<name>, search folder <evo_path>/<name>.")
     p.add_argument("--dataset", choices=list(DATASETS), default="CUB_200_2011", help="Which dataset.")
@@ -117,6 +120,24 @@ def get_args_parser():
 
 class SetupError(UserError, ValueError):
     """Flags that do not fit the model or the data (a ValueError too, as before)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """--data_root or --pretrained_dir names nothing (a FileNotFoundError too, as before)."""
+
+
+def check_input_paths(args):
+    """Every missing input in one message, before a process group, a model or an output file exists: the data folder
+    <data_root>/<dataset> and the --pretrained_dir npz (both are needed by every run)."""
+    missing = []
+    data_dir = os.path.join(args.data_root, args.dataset)
+    if not os.path.isdir(data_dir):
+        missing.append(f"--data_root {args.data_root}: no folder {data_dir} (the data of --dataset {args.dataset})")
+    if not os.path.isfile(args.pretrained_dir):
+        missing.append(f"--pretrained_dir {args.pretrained_dir}: no such .npz file (Google's ViT weights, e.g. "
+                       "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz)")
+    if missing:
+        raise MissingInputError('; '.join(missing))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,6 +609,7 @@ def search(args, model, datasets=None):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    check_input_paths(args)
     args.data_root = '{}/{}'.format(args.data_root, args.dataset)
     args.device = 'cuda'
     init_distributed_mode(args)

@@ -38,25 +38,11 @@ TAVT = ['--name', 'bad', '--model_type', 'tiny-test', '--img_size', '32', '--num
 OUTPUT_FLAG = {'tools/compare.py': '--output-dir', 'toe/lvvit/main.py': '--output', 'tools/flops.py': None,
                'tools/benchmark.py': None, 'tools/convert.py': None}
 
-# Inputs of files we do not own that are not yet answered as required: (case id -> why)
-OTHERS = {
-    'tocom-pretrain-no-weights': 'tocom/main.py: --r_src -1 pre-training without --finetune runs on random weights',
-    **{f'tavt-{k}': 'tavt/train.py: no parse-time check of this flag; it first stops on the absent default '
-                    '--pretrained_dir with a FileNotFoundError traceback'
-       for k in ('num-steps-0', 'eval-every-0', 'accumulation-0', 'length-drop-bound', 'missing-data-root')},
-    'tavt-missing-pretrained-dir': 'tavt/train.py: an absent --pretrained_dir is a FileNotFoundError traceback',
-    'lvvit-epochs-0': 'toe/lvvit/main.py: --epochs 0 reaches timm\'s scheduler (bare AssertionError traceback)',
-    'efficienttrain-epochs-0': 'toe/EfficientTrain/main.py: --epochs is not checked before the data',
-    'efficienttrain-batch-0': 'toe/EfficientTrain/main.py: --batch_size is not checked before the data',
-    'efficienttrain-missing-data': 'toe/EfficientTrain/main.py: the data error names --data-path, not its own '
-                                   '--data_path',
-}
 
 
 def _case(id_, script, argv, names, status=2):
     """names: what the error line must mention (any of them: flag spellings); status: the exit status (2: usage)."""
-    marks = [pytest.mark.xfail(strict=True, reason=OTHERS[id_])] if id_ in OTHERS else []
-    return pytest.param(script, argv, names, status, id=id_, marks=marks)
+    return pytest.param(script, argv, names, status, id=id_)
 
 
 CASES = [
@@ -126,6 +112,10 @@ CASES = [
     _case('tocom-text-finetune', 'tocom/main.py', [*TOCOM, '--finetune', '{text}'], ['{text}']),
     _case('tocom-pretrain-no-weights', 'tocom/main.py',
           [*TOCOM, '--model', 'deit_tiny_patch16_224_tocom', '--r_src', '-1'], ['--finetune']),
+    # --allow-random-weights lifts only that refusal: the next missing input (the teacher) is named instead
+    _case('tocom-pretrain-random-weights-no-teacher', 'tocom/main.py',
+          [*TOCOM, '--model', 'deit_tiny_patch16_224_tocom', '--r_src', '-1', '--allow-random-weights'],
+          ['--teacher-path']),
     _case('tocom-finetune-nan', 'tocom/main.py', [*TOCOM, '--finetune', '{nan_deit}'], ['{nan_deit}']),
     # avit/main_act.py
     _case('avit-epochs-0', 'avit/main_act.py', [*AVIT, '--epochs', '0'], ['--epochs']),
@@ -145,6 +135,7 @@ CASES = [
           ['--pretrained_dir']),
     # toe/lvvit/main.py
     _case('lvvit-epochs-0', 'toe/lvvit/main.py', ['{missing}', '--epochs', '0'], ['--epochs']),
+    _case('lvvit-batch-0', 'toe/lvvit/main.py', ['{missing}', '--batch-size', '0'], ['--batch-size']),
     _case('lvvit-missing-data', 'toe/lvvit/main.py', ['{missing}', '--epochs', '1', '--device', 'cpu'], ['{missing}']),
     # toe/EfficientTrain/main.py
     _case('efficienttrain-epochs-0', 'toe/EfficientTrain/main.py', ['--epochs', '0'], ['--epochs']),

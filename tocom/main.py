@@ -53,6 +53,9 @@ def get_args_parser(add_help=True):
     g.add_argument('--tocom_fold', action='store_true', default=True,
                    help='evaluation: fold the compensator into the qkv weights (zero extra FLOPs; default on)')
     g.add_argument('--no-tocom_fold', action='store_false', dest='tocom_fold')
+    g.add_argument('--allow-random-weights', action='store_true',
+                   help='let --r_src -1 pre-training run without --finetune, on randomly initialised weights (tests); '
+                        'otherwise it stops and asks for --finetune')
     return parser
 
 
@@ -71,6 +74,11 @@ def check_args(args):
         if not args.model.endswith('_tocom'):
             raise UserError(f'--r_src -1 (ToCom pre-training) needs a compensator model such as '
                             f'deit_base_patch16_224_tocom, got --model {args.model}')
+        if not args.finetune and not args.allow_random_weights:
+            # a compensator learns the merging error of the weights it is trained on: random ones teach it nothing
+            raise UserError('--r_src -1 (ToCom pre-training) trains the compensator of the frozen DeiT given by '
+                            '--finetune <checkpoint>, and none was given (or pass --allow-random-weights to train '
+                            'it for random weights anyway)')
         if args.distillation_type == 'none' or not args.teacher_path:
             raise UserError('--r_src -1 (ToCom pre-training) distils from the plain ToMe model: give '
                             '--distillation-type soft --teacher-model deit_base_patch16_224 --teacher-path <DeiT>')

@@ -125,6 +125,9 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_toe_args(parser, args)
+    for flag in ('epochs', 'batch_size'):  # checked before the data is looked for
+        if getattr(args, flag) < 1:
+            parser.error(f'--{flag} {getattr(args, flag)}: must be at least 1')
     if args.model not in ARCHS:
         parser.error(f'--model {args.model!r}: this port builds the DeiT models ET_training.py trains with ToE '
                      f'({", ".join(m for m in ARCHS if m.startswith("deit_"))} and the digits ViT)')
@@ -341,7 +344,8 @@ def main(args):
         dataset_train, nb_classes = build_dataset(True, data_args)
         dataset_val, _ = build_dataset(False, data_args) if not args.disable_eval else (None, None)
     except DatasetLayoutError as e:
-        raise UserError(str(e)) from None
+        # shared.datasets speaks DeiT's --data-path; this script's flag is --data_path
+        raise UserError(str(e).replace('--data-path', '--data_path')) from None
     if args.data_set in ('DIGITS', 'FAKE'):
         args.nb_classes = nb_classes
     if args.distributed:

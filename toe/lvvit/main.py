@@ -184,6 +184,9 @@ def parse_args(argv=None):
             parser.set_defaults(**yaml.safe_load(f))
     args = parser.parse_args(remaining)
     check_toe_args(parser, args)
+    for flag, value in (('--epochs', args.epochs), ('-b/--batch-size', args.batch_size)):
+        if value < 1:  # timm's scheduler would stop on a bare assertion, an empty batch deeper still
+            parser.error(f'{flag} {value}: must be at least 1')
     if args.model not in MODELS:
         parser.error(f'--model {args.model!r}: ToE LV-ViT models are {sorted(MODELS)}')
     if args.token_label and args.token_label_size > 1 and args.model == 'lvvit':
