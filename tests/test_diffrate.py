@@ -301,7 +301,8 @@ def test_readme_search_command_under_torchrun(tmp_path):
     result = torchrun(['diffrate/main.py', '--arch-lr', '0.01', '--arch-min-lr', '0.001', '--epoch', '2',
                        '--batch-size', '4', '--data-path', data, '--output_dir', out,
                        '--model', 'vit_deit_tiny_patch16_224', '--input-size', '64', '--target_flops', '0.06',
-                       '--num_workers', '0', '--device', 'cpu'], nproc=2)
+                       '--num_workers', '0', '--device', 'cpu',
+                       '--allow-random-weights'], nproc=2)  # a search without weights is refused otherwise
     assert result.returncode == 0, result.stdout[-3000:]
     assert 'Learned compression rate schedule:' in result.stdout
     stats = [json.loads(line) for line in open(out / 'log.txt')]
