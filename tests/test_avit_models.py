@@ -211,6 +211,8 @@ def test_prior_statistic_axis_switch():
     assert not torch.allclose(quirk, tokens)
 
 
+@pytest.mark.heavy  # dynamo tracing of the 12-block model: over a minute a case on 2 cores (tests/test_compile.py
+# checks the graph count of a 2-block model in the fast suite)
 @pytest.mark.parametrize('batch', [1, 4])
 def test_zipped_path_compiles_as_one_graph_with_the_eager_results(batch):
     """No host sync in the compiled loop: one graph, no break (dynamo's explain), and with the graph run as traced
