@@ -20,8 +20,9 @@ def log_kept_numbers(model):
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, loss_scaler, max_norm=None,
                     mixup_fn=None, set_training_mode=True, target_flops=3.0, warm_up=False, amp=False,
-                    print_freq=10):
-    """One search epoch: loss = CE + lambda * (GFLOPs - target)^2, only the architecture parameters step."""
+                    print_freq=10, accum_iter=1):
+    """One search epoch: loss = CE + lambda * (GFLOPs - target)^2, only the architecture parameters step (every
+    `accum_iter` batches, on their mean gradient)."""
     model.train(set_training_mode)
     metric_logger = MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr_architecture', SmoothedValue(window_size=1, fmt='{value:.6f}'))
@@ -44,9 +45,12 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         loss_cls_value = loss_cls.item()
         check_finite_loss(loss_cls_value, epoch, step)
 
-        optimizer.zero_grad()
+        if step % accum_iter == 0:
+            optimizer.zero_grad()
+        update = (step + 1) % accum_iter == 0
         if torch.is_tensor(loss) and loss.requires_grad:
-            grad_norm = loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=arch_parameters)
+            grad_norm = loss_scaler(loss / accum_iter if accum_iter > 1 else loss, optimizer, clip_grad=max_norm,
+                                    parameters=arch_parameters, need_update=update)
         else:
             # an eval-mode search (the reference's behaviour with --finetune) gives the proxies no gradient
             grad_norm = torch.tensor(0.)
@@ -59,7 +63,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         metric_logger.update(loss_cls=loss_cls_value)
         metric_logger.update(loss_flops=float(loss_flops.detach()) if torch.is_tensor(loss_flops) else loss_flops)
         metric_logger.update(flops=float(gflops.detach()) if torch.is_tensor(gflops) else gflops)
-        metric_logger.update(grad_norm=float(grad_norm))
+        if grad_norm is not None:  # None on the batches that only accumulate
+            metric_logger.update(grad_norm=float(grad_norm))
         metric_logger.update(lr_architecture=optimizer.param_groups[0]['lr'])
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger)

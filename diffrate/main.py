@@ -224,7 +224,7 @@ def main(args, model=None, require_weights=False):
         stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                 args.clip_grad, mixup_fn, set_training_mode=args.finetune == '',
                                 target_flops=args.target_flops, warm_up=args.warmup_compression_rate, amp=amp,
-                                print_freq=getattr(args, 'print_freq', 10))
+                                print_freq=getattr(args, 'print_freq', 10), accum_iter=args.accum_iter)
         # the schedule that is evaluated, saved and reloaded is the one of the logits after the last step
         if args.finetune == '':
             model_without_ddp.refresh_kept_numbers()

@@ -184,7 +184,8 @@ def main(args):
     def train_epoch(epoch):
         return train_one_epoch(
             model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
-            mixup_fn, set_training_mode=args.train_mode, amp=amp, loss_fn=loss_fn, print_freq=args.print_freq)
+            mixup_fn, set_training_mode=args.train_mode, amp=amp, loss_fn=loss_fn, print_freq=args.print_freq,
+            accum_iter=args.accum_iter)
 
     def evaluate_epoch(epoch):
         set_r(model_without_ddp, args.r_src)  # training may have left a pre-training pair or another r set
