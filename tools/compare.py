@@ -50,7 +50,9 @@ DEFAULT_METHODS = ['tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe']
 # that the demo spends its minutes on the methods rather than on re-training the same ViT.
 SHIPPED_BASELINE = os.path.join(ROOT, 'shared', 'assets', 'vit_digits_patch4_32.pth')
 FIELDS = ['method', 'label', 'acc1', 'acc5', 'gflops', 'img_per_s', 'latency_ms', 'peak_mem_mb', 'params_m',
-          'throughput_batch', 'dtype', 'device', 'seed', 'settings', 'weights']
+          'throughput_batch', 'dtype', 'device', 'seed', 'settings', 'weights', 'extra']
+# columns the CSV writes as JSON text (nested values)
+JSON_FIELDS = ('settings', 'weights', 'extra')
 
 
 class ErrorExit(SystemExit):
@@ -232,6 +234,8 @@ def measure(variant, ctx, val_loader, args):
         'img_per_s': round(img_s, 1), 'latency_ms': round(lat, 3), 'peak_mem_mb': round(mem, 2),
         'params_m': round(params / 1e6, 4), 'throughput_batch': int(batch.shape[0]), 'dtype': args.dtype,
         'device': str(device), 'seed': ctx.seed, 'settings': variant.settings, 'weights': weights,
+        # what a method reports beyond the inference figures (ToE: its training time and speed-up)
+        'extra': dict(variant.extra),
     }
 
 
@@ -254,8 +258,7 @@ def write_reports(rows, args):
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({**r, 'settings': json.dumps(r['settings'], sort_keys=True),
-                        'weights': json.dumps(r['weights'], sort_keys=True)})
+            w.writerow({**r, **{k: json.dumps(r[k], sort_keys=True) for k in JSON_FIELDS}})
     header = f"{'method':<10} {'setting':<22} {'Acc@1':>7} {'Acc@5':>7} {'GFLOPs':>9} {'img/s':>9} " \
              f"{'lat ms':>8} {'mem MB':>8} {'params M':>9}"
     lines = [header, '-' * len(header)]
