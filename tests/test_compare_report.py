@@ -44,3 +44,30 @@ def test_extra_of_a_variant_reaches_json_and_csv(tmp_path, compare_ctx, monkeypa
     assert report['rows'][1]['extra'] == figures
     assert json.loads(csv_rows[1]['extra']) == figures
     assert report['rows'][0]['extra'] == {}  # the baseline reports none
+
+
+def test_provenance_in_json_and_csv(tmp_path, compare_ctx, monkeypatch):
+    import platform
+    import subprocess
+
+    import timm
+    _hook(monkeypatch, lambda ctx: [Variant('fake', 'd1', {}, _shallow(ctx), gflops=0.001)])
+    _, report, csv_rows, _ = _run(tmp_path, compare_ctx, '--batch-size', '64')
+    prov = report['provenance']
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=compare.ROOT, stdout=subprocess.PIPE, text=True)
+    expected_commit = head.stdout.strip() if head.returncode == 0 else 'unknown'
+    assert prov['git_commit'].split('+')[0] == expected_commit
+    assert prov['python'] == platform.python_version()
+    assert prov['torch'] == torch.__version__ and prov['timm'] == timm.__version__
+    assert prov['device'] == 'cpu' and prov['device_name'] and prov['device_name'] != 'unknown'
+    assert prov['torch_threads'] == torch.get_num_threads()
+    assert prov['dtype'] == 'float32' and prov['eval_batch_size'] == 64 and prov['throughput_batch'] == 4
+    for row in csv_rows:
+        for key, value in prov.items():
+            assert row[f'prov_{key}'] == str(value)
+
+
+def test_git_commit_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, 'ROOT', str(tmp_path))
+    monkeypatch.setenv('GIT_CEILING_DIRECTORIES', str(tmp_path.parent))
+    assert compare.git_commit() == 'unknown'

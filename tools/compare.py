@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -239,6 +240,45 @@ def measure(variant, ctx, val_loader, args):
     }
 
 
+def git_commit():
+    """HEAD of the checkout this file is in, with '+dirty' when tracked files differ from it; 'unknown' outside git."""
+    def git(*cmd):
+        return subprocess.run(['git', *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              timeout=30)
+    try:
+        head = git('rev-parse', 'HEAD')
+        if head.returncode != 0:
+            return 'unknown'
+        dirty = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return head.stdout.strip() + ('+dirty' if dirty else '')
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name (platform.processor() is empty on most Linux systems)."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or 'unknown'
+
+
+def provenance(args):
+    """What the numbers depend on besides the models: code version, libraries, machine, precision, batch sizes."""
+    import timm
+    return {'git_commit': git_commit(), 'python': platform.python_version(), 'torch': torch.__version__,
+            'timm': timm.__version__, 'device': args.device, 'device_name': device_name(args.device),
+            'torch_threads': torch.get_num_threads(), 'dtype': args.dtype, 'eval_batch_size': args.batch_size,
+            'throughput_batch': args.throughput_batch, 'data_set': args.data_set, 'model': args.model}
+
+
 def pareto_front(rows, x_key, y_key, x_better_low):
     """Points not dominated in (x, accuracy): sorted along x."""
     pts = sorted(rows, key=lambda r: r[x_key], reverse=not x_better_low)
@@ -252,13 +292,17 @@ def pareto_front(rows, x_key, y_key, x_better_low):
 
 def write_reports(rows, args):
     os.makedirs(args.output_dir, exist_ok=True)
+    prov = provenance(args)
     with open(os.path.join(args.output_dir, 'results.json'), 'w') as f:
-        json.dump({'rows': rows, 'command': sys.argv, 'time': time.strftime('%Y-%m-%d %H:%M:%S')}, f, indent=2)
+        json.dump({'provenance': prov, 'rows': rows, 'command': sys.argv,
+                   'time': time.strftime('%Y-%m-%d %H:%M:%S')}, f, indent=2)
+    # the CSV repeats the provenance on every row (columns 'prov_*') so that a plain CSV reader keeps it
+    prov_columns = {f'prov_{k}': v for k, v in prov.items()}
     with open(os.path.join(args.output_dir, 'results.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS + list(prov_columns))
         w.writeheader()
         for r in rows:
-            w.writerow({**r, **{k: json.dumps(r[k], sort_keys=True) for k in JSON_FIELDS}})
+            w.writerow({**r, **{k: json.dumps(r[k], sort_keys=True) for k in JSON_FIELDS}, **prov_columns})
     header = f"{'method':<10} {'setting':<22} {'Acc@1':>7} {'Acc@5':>7} {'GFLOPs':>9} {'img/s':>9} " \
              f"{'lat ms':>8} {'mem MB':>8} {'params M':>9}"
     lines = [header, '-' * len(header)]
