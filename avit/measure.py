@@ -77,38 +77,58 @@ def _data_args(args):
 
 
 @torch.no_grad()
-def mean_gflops(model, data_loader, device, num_images=0):
-    """GFLOPs per image averaged over the loader's images, and the mean token depth."""
-    total, depth, seen = 0.0, 0.0, 0
+def image_macs(model, data_loader, device, num_images=0):
+    """Per-batch tensors of each image's MACs (float64) and mean token depth, over the loader's first
+    `num_images` images (0: all)."""
+    macs, depths, seen = [], [], 0
     for images, _ in data_loader:
         if num_images:
             images = images[:num_images - seen]
         model(images.to(device))
         cnt = model.counter_token
-        total += float(per_image_macs(model, cnt).sum())
-        depth += float(cnt.float().mean(dim=1).sum())
+        macs.append(per_image_macs(model, cnt).cpu())
+        depths.append(cnt.float().mean(dim=1).cpu())
         seen += len(images)
         if num_images and seen >= num_images:
             break
     if not seen:
         raise SystemExit('no images to evaluate (empty data set?)')
-    return total / seen / 1e9, depth / seen, seen
+    return macs, depths
 
 
-def flops(args):
+def _batch_mean(batches):
+    # batch sums added in loader order, then divided once: the mean every earlier release printed
+    return sum(float(b.sum()) for b in batches) / sum(len(b) for b in batches)
+
+
+@torch.no_grad()
+def mean_gflops(model, data_loader, device, num_images=0):
+    """GFLOPs per image averaged over the loader's images, and the mean token depth."""
+    macs, depths = image_macs(model, data_loader, device, num_images)
+    return _batch_mean(macs) / 1e9, _batch_mean(depths), sum(len(b) for b in macs)
+
+
+def flops_per_image(args):
+    """(mean GFLOPs, per-image GFLOPs as a float64 tensor) over the data set, or the full-depth count alone
+    (a one-element tensor) with --full-depth."""
     device = resolve_device(args.device)
     if args.full_depth:
-        model = _build(args, (10., 30.))
-        return model_macs(model) / 1e9
+        gflops = model_macs(_build(args, (10., 30.))) / 1e9
+        return gflops, torch.tensor([gflops], dtype=torch.float64)
     from shared.datasets import build_dataset
     dataset, nb_classes = build_dataset(is_train=False, args=_data_args(args))
     model = _build(args, (10., 30.), nb_classes).to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers)
-    gflops, depth, seen = mean_gflops(model, loader, device, args.num_images)
-    print(f'mean token depth {depth:.3f} / {len(model.blocks)} over {seen} images; full depth '
+    macs, depths = image_macs(model, loader, device, args.num_images)
+    seen = sum(len(b) for b in macs)
+    print(f'mean token depth {_batch_mean(depths):.3f} / {len(model.blocks)} over {seen} images; full depth '
           f'{model_macs(model) / 1e9:.3f} GFLOPs')
-    return gflops
+    return _batch_mean(macs) / 1e9, torch.cat(macs) / 1e9
+
+
+def flops(args):
+    return flops_per_image(args)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

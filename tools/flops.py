@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Print the GFLOPs (multiply-accumulates, the project's one convention: shared/flops.py) of a model or of a
-method's configuration. The last line is always `GFLOPs=<value with 3 decimals>`.
+method's configuration. The last line is always `GFLOPs=<value with 3 decimals>` (the mean over the images for a
+data-dependent method, A-ViT, whose distribution over the images is printed above it).
 
     python tools/flops.py --model deit_small_patch16_224
     python tools/flops.py --method tome --model deit_base_patch16_224 --r 16
     python tools/flops.py --method diffrate --model vit_deit_small_patch16_224 --target_flops 2.9
+    python tools/flops.py --method avit --data-set DIGITS --input-size 32 --num-images 64
 """
 import argparse
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout too
 
@@ -31,6 +35,23 @@ def check_data_given(args, parser):
         parser.error(f'--method {args.method}: its FLOPs depend on the images, so it evaluates a data set: give '
                      f'--data-path DIR (the --data-set {args.data_set} root), or --data-set DIGITS for the embedded '
                      'one, or --full-depth for the uncompressed count without data')
+
+
+QUANTILES = (('p5', 0.05), ('p50', 0.5), ('p95', 0.95))
+
+
+def distribution(per_image_gflops):
+    """mean, p5, p50, p95, min, max of per-image GFLOPs (quantiles linearly interpolated, numpy's default)."""
+    values = torch.as_tensor(per_image_gflops, dtype=torch.float64).flatten()
+    stats = {'mean': float(values.mean())}
+    stats.update({name: float(torch.quantile(values, q)) for name, q in QUANTILES})
+    stats.update(min=float(values.min()), max=float(values.max()), images=len(values))
+    return stats
+
+
+def format_distribution(stats):
+    return (f"GFLOPs per image over {stats['images']} images: "
+            + ', '.join(f'{k} {stats[k]:.3f}' for k in ('mean', 'p5', 'p50', 'p95', 'min', 'max')))
 
 
 def get_parser(argv=None):
@@ -62,7 +83,12 @@ def main(argv=None):
         gflops = model_macs(model) / 1e9
     else:
         check_data_given(args, parser)
-        gflops = measure_module(args.method).flops(args)
+        hooks = measure_module(args.method)
+        if hasattr(hooks, 'flops_per_image'):  # data dependent: the spread over the images, then their mean
+            gflops, per_image = hooks.flops_per_image(args)
+            print(format_distribution(distribution(per_image)))
+        else:
+            gflops = hooks.flops(args)
     print(f'GFLOPs={gflops:.3f}')
     return gflops
 
