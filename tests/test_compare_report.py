@@ -71,3 +71,46 @@ def test_git_commit_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, 'ROOT', str(tmp_path))
     monkeypatch.setenv('GIT_CEILING_DIRECTORIES', str(tmp_path.parent))
     assert compare.git_commit() == 'unknown'
+
+
+def test_spread_is_wide_compares_range_to_median():
+    assert compare.spread_is_wide({'median': 100.0, 'min': 85.0, 'max': 106.0}, 0.2) is True   # 21 % range
+    assert compare.spread_is_wide({'median': 100.0, 'min': 90.0, 'max': 109.0}, 0.2) is False  # 19 % range
+
+
+@pytest.fixture
+def drifting_clock(monkeypatch):
+    """shared.benchmark's clock made deterministic: each whole-ViT forward costs (blocks x images) units, and the
+    machine slows down by 1 % per forward (a drifting shared machine). Timing one point after the other would then
+    separate two identical models; timing them interleaved must not."""
+    from shared import benchmark
+    clock = {'now': 0.0, 'calls': 0}
+
+    def advance(module, inputs):
+        if hasattr(module, 'blocks') and hasattr(module, 'patch_embed'):
+            clock['calls'] += 1
+            clock['now'] += len(module.blocks) * inputs[0].shape[0] * 1e-3 * (1 + 0.01 * clock['calls'])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(advance)
+    monkeypatch.setattr(benchmark, 'time', types.SimpleNamespace(perf_counter=lambda: clock['now']))
+    yield clock
+    handle.remove()
+
+
+def test_same_model_twice_medians_within_each_others_spread(tmp_path, compare_ctx, monkeypatch, drifting_clock):
+    def make(ctx):
+        model = _shallow(ctx, depth=2)
+        return [Variant('fake', 'a', {}, model, gflops=0.002), Variant('fake', 'b', {}, model, gflops=0.002)]
+    _hook(monkeypatch, make)
+    rows, report, csv_rows, _ = _run(tmp_path, compare_ctx)
+    a, b = rows[1], rows[2]
+    for x, y in ((a, b), (b, a)):
+        assert x['img_per_s_min'] <= y['img_per_s'] <= x['img_per_s_max']
+        assert x['latency_ms_min'] <= y['latency_ms'] <= x['latency_ms_max']
+    for r in rows:  # every figure of the row is consistent with its own spread
+        assert r['img_per_s_min'] <= r['img_per_s_q1'] <= r['img_per_s'] <= r['img_per_s_q3'] <= r['img_per_s_max']
+        wide = (r['img_per_s_max'] - r['img_per_s_min']) / r['img_per_s'] > 0.2
+        assert r['spread_wide'] == wide
+    # 2 blocks of the baseline's 12 at the same drift: a speed-up of 6 within the drift of a round
+    assert a['speedup'] == pytest.approx(6.0, rel=0.05)
+    assert csv_rows[1]['spread_wide'] in ('True', 'False')

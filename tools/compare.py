@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +51,9 @@ DEFAULT_METHODS = ['tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe']
 # The embedded default's baseline, trained by tools/train_baseline.py (the command is in shared/assets/README.md), so
 # that the demo spends its minutes on the methods rather than on re-training the same ViT.
 SHIPPED_BASELINE = os.path.join(ROOT, 'shared', 'assets', 'vit_digits_patch4_32.pth')
-FIELDS = ['method', 'label', 'acc1', 'acc5', 'gflops', 'img_per_s', 'latency_ms', 'peak_mem_mb', 'params_m',
+FIELDS = ['method', 'label', 'acc1', 'acc5', 'gflops', 'img_per_s', 'img_per_s_min', 'img_per_s_max',
+          'img_per_s_q1', 'img_per_s_q3', 'speedup', 'latency_ms', 'latency_ms_min', 'latency_ms_max', 'spread_wide',
+          'peak_mem_mb', 'params_m',
           'throughput_batch', 'dtype', 'device', 'seed', 'settings', 'weights', 'extra']
 # columns the CSV writes as JSON text (nested values)
 JSON_FIELDS = ('settings', 'weights', 'extra')
@@ -92,7 +95,11 @@ def get_parser(methods):
     parser.add_argument('--batch-size', default=128, type=int, help='evaluation batch size')
     parser.add_argument('--throughput-batch', default=64, type=int)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
-    parser.add_argument('--runs', default=10, type=int, help='timed runs per throughput measurement')
+    parser.add_argument('--rounds', default=5, type=int,
+                        help='timing rounds; each round times every point in turn (median and spread over rounds)')
+    parser.add_argument('--runs', default=2, type=int, help='timed runs of a point per round')
+    parser.add_argument('--wide-spread', default=0.2, type=float,
+                        help='flag a row whose (max - min) / median img/s over the rounds exceeds this')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--num_workers', default=0, type=int)
@@ -199,9 +206,58 @@ def baseline_variant(ctx):
                    gflops=model_macs(model) / 1e9, artefacts={'baseline': ctx.base_checkpoint})
 
 
+def timing_batch(val_loader, size):
+    """The first `size` validation images (repeated when the validation set is smaller), so that data-dependent
+    models run as they would on real data."""
+    images = torch.cat([x for x, _ in val_loader], 0)
+    if images.shape[0] < size:
+        images = images.repeat((size + images.shape[0] - 1) // images.shape[0], 1, 1, 1)
+    return images[:size]
+
+
+def logits_forward(variant):
+    """x -> logits of a variant (its own forward may also return per-batch figures)."""
+    forward = variant.forward or (lambda m, x: m(x))
+
+    def run(x):
+        out = forward(variant.model, x)
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
+def spread_is_wide(spread, limit):
+    """A spread (shared.benchmark's {median, min, max, ...}) whose range is more than `limit` of its median."""
+    return (spread['max'] - spread['min']) / spread['median'] > limit
+
+
+def time_points(variants, batch, ctx, args):
+    """Throughput and batch-1 latency of every point, each timed in ONE interleaved loop over all points (rounds x
+    runs), so that a machine whose speed drifts shifts every point alike. Returns one dict of row fields per variant."""
+    from shared.benchmark import interleaved_seconds, speedup_table
+    dtype = getattr(torch, args.dtype)
+    rounds, runs = (3, 1) if args.quick else (args.rounds, args.runs)
+    for v in variants:
+        v.model.to(ctx.device).eval()
+    forwards = {i: logits_forward(v) for i, v in enumerate(variants)}
+    batch = batch.to(ctx.device)
+    big = speedup_table(interleaved_seconds(forwards, batch, rounds=rounds, runs=runs, dtype=dtype),
+                        batch.shape[0], baseline=0)
+    one = interleaved_seconds(forwards, batch[:1], rounds=rounds, runs=runs * 2, dtype=dtype)
+    fields = []
+    for i in range(len(variants)):
+        img_s, lat = big[i]['img_per_s'], sorted(1000.0 * s for s in one[i])
+        fields.append({
+            'img_per_s': round(img_s['median'], 1), 'img_per_s_min': round(img_s['min'], 1),
+            'img_per_s_max': round(img_s['max'], 1), 'img_per_s_q1': round(img_s['q1'], 1),
+            'img_per_s_q3': round(img_s['q3'], 1), 'speedup': round(big[i]['speedup']['median'], 3),
+            'latency_ms': round(statistics.median(lat), 3), 'latency_ms_min': round(lat[0], 3),
+            'latency_ms_max': round(lat[-1], 3), 'spread_wide': spread_is_wide(img_s, args.wide_spread)})
+    return fields
+
+
 def measure(variant, ctx, val_loader, args):
-    """Every figure of one point, on the same validation data as every other point."""
-    from shared.benchmark import peak_forward_memory_mb, throughput
+    """Every figure of one point but its timing (time_points), on the same validation data as every other point."""
+    from shared.benchmark import peak_forward_memory_mb
     from shared.engine import evaluate
     device = ctx.device
     model = variant.model.to(device).eval()
@@ -209,30 +265,15 @@ def measure(variant, ctx, val_loader, args):
     stats = evaluate(val_loader, model, device, forward_fn=forward, print_freq=10 ** 9,
                      header=f'Test {variant.method} {variant.label}:')
     gflops = stats.get('gflops', variant.gflops)
-    images = torch.cat([x for x, _ in val_loader], 0)
-    batch = images[:args.throughput_batch]
-    if batch.shape[0] < args.throughput_batch:  # small validation sets: repeat images to fill the batch
-        batch = batch.repeat((args.throughput_batch + batch.shape[0] - 1) // batch.shape[0], 1, 1, 1)
-        batch = batch[:args.throughput_batch]
-    dtype = getattr(torch, args.dtype)
-    runs = 3 if args.quick else args.runs
-
-    def run(m, x):
-        out = forward(m, x)
-        return out[0] if isinstance(out, tuple) else out
-
-    img_s = throughput(model, batch_size=batch.shape[0], device=device, dtype=dtype, runs=runs, warmup=2,
-                       forward=run, inputs=batch)
-    lat = 1000.0 / throughput(model, device=device, dtype=dtype, runs=runs * 2, warmup=2, forward=run,
-                              inputs=batch[:1])
-    mem = peak_forward_memory_mb(lambda: run(model, batch.to(device)), device)
+    batch = timing_batch(val_loader, args.throughput_batch)
+    mem = peak_forward_memory_mb(lambda: logits_forward(variant)(batch.to(device)), device)
     params = sum(p.numel() for p in model.parameters())
     weights = {name: {'path': os.path.relpath(p, ROOT) if p.startswith(ROOT) else p, 'sha256': sha256(p)}
                for name, p in variant.artefacts.items() if p and os.path.isfile(p)}
     return {
         'method': variant.method, 'label': variant.label, 'acc1': round(stats['acc1'], 3),
         'acc5': round(stats['acc5'], 3), 'gflops': round(float(gflops), 6) if gflops is not None else None,
-        'img_per_s': round(img_s, 1), 'latency_ms': round(lat, 3), 'peak_mem_mb': round(mem, 2),
+        'peak_mem_mb': round(mem, 2),
         'params_m': round(params / 1e6, 4), 'throughput_batch': int(batch.shape[0]), 'dtype': args.dtype,
         'device': str(device), 'seed': ctx.seed, 'settings': variant.settings, 'weights': weights,
         # what a method reports beyond the inference figures (ToE: its training time and speed-up)
@@ -304,14 +345,18 @@ def write_reports(rows, args):
         for r in rows:
             w.writerow({**r, **{k: json.dumps(r[k], sort_keys=True) for k in JSON_FIELDS}, **prov_columns})
     header = f"{'method':<10} {'setting':<22} {'Acc@1':>7} {'Acc@5':>7} {'GFLOPs':>9} {'img/s':>9} " \
-             f"{'lat ms':>8} {'mem MB':>8} {'params M':>9}"
+             f"{'[min, max]':>17} {'lat ms':>8} {'mem MB':>8} {'params M':>9}"
     lines = [header, '-' * len(header)]
     for r in rows:
         lines.append(f"{r['method']:<10} {r['label'][:22]:<22} {r['acc1']:>7.2f} {r['acc5']:>7.2f} "
-                     f"{r['gflops']:>9.4f} {r['img_per_s']:>9.1f} {r['latency_ms']:>8.2f} {r['peak_mem_mb']:>8.2f} "
+                     f"{r['gflops']:>9.4f} {r['img_per_s']:>9.1f} "
+                     f"{'[%.0f, %.0f]%s' % (r['img_per_s_min'], r['img_per_s_max'], '!' if r['spread_wide'] else ' '):>17} "
+                     f"{r['latency_ms']:>8.2f} {r['peak_mem_mb']:>8.2f} "
                      f"{r['params_m']:>9.3f}")
     lines.append(f"throughput: batch {rows[0]['throughput_batch']}, {rows[0]['dtype']}, {rows[0]['device']}; "
                  f'seed {rows[0]["seed"]}')
+    lines.append(f'img/s: median over the timing rounds, all points interleaved, [min, max] over rounds; '
+                 f'! marks a spread (max - min) / median above {args.wide_spread:g}')
     table = '\n'.join(lines)
     with open(os.path.join(args.output_dir, 'results.txt'), 'w') as f:
         f.write(table + '\n')
@@ -395,6 +440,9 @@ def run(argv):
         print(f'| {method}: {len(made)} point(s) in {time.time() - start:.1f} s')
         variants.extend(made)
     rows = [measure(v, ctx, val_loader, args) for v in tqdm(variants, desc='measuring', disable=None)]
+    print(f'| timing {len(variants)} points in one interleaved loop')
+    for row, timing in zip(rows, time_points(variants, timing_batch(val_loader, args.throughput_batch), ctx, args)):
+        row.update(timing)
     write_reports(rows, args)
     return rows
 
