@@ -114,3 +114,17 @@ def test_same_model_twice_medians_within_each_others_spread(tmp_path, compare_ct
     # 2 blocks of the baseline's 12 at the same drift: a speed-up of 6 within the drift of a round
     assert a['speedup'] == pytest.approx(6.0, rel=0.05)
     assert csv_rows[1]['spread_wide'] in ('True', 'False')
+
+
+def test_progress_names_each_method_start_end_and_the_files(tmp_path, compare_ctx, monkeypatch, capsys):
+    import re
+    _hook(monkeypatch, lambda ctx: [Variant('fake', 'd1', {}, _shallow(ctx), gflops=0.001)])
+    _, _, _, out = _run(tmp_path, compare_ctx)
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index('| fake: start')
+    end = next(i for i, line in enumerate(lines) if re.fullmatch(r'\| fake: done, 1 point\(s\) in \d+\.\d s', line))
+    assert start < end
+    listed = lines[lines.index('| results written to:') + 1:]
+    assert [line.strip('| ').strip() for line in listed] == [str(out / n) for n in
+                                                              ('results.txt', 'results.csv', 'results.json')]
+    assert all((out / n).is_file() for n in ('results.txt', 'results.csv', 'results.json'))

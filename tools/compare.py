@@ -361,8 +361,14 @@ def write_reports(rows, args):
     with open(os.path.join(args.output_dir, 'results.txt'), 'w') as f:
         f.write(table + '\n')
     print(table)
+    written = [os.path.join(args.output_dir, n) for n in ('results.txt', 'results.csv', 'results.json')]
     if not args.no_plots:
         plot(rows, args.output_dir)
+        written += [os.path.join(args.output_dir, n) for n in ('acc_vs_gflops.png', 'acc_vs_throughput.png')]
+    print('| results written to:')
+    for path in written:
+        print(f'|   {path}')
+    return written
 
 
 def plot(rows, out_dir):
@@ -433,11 +439,12 @@ def run(argv):
     variants = [baseline_variant(ctx)]
     for method in tqdm(methods, desc='deriving methods', disable=None):
         start = time.time()
+        print(f'| {method}: start', flush=True)
         try:
             made = hook_module(method).variants(method, ctx, args)
         except UserError as e:
             raise UserError(f'{method}: {e}') from None
-        print(f'| {method}: {len(made)} point(s) in {time.time() - start:.1f} s')
+        print(f'| {method}: done, {len(made)} point(s) in {time.time() - start:.1f} s', flush=True)
         variants.extend(made)
     rows = [measure(v, ctx, val_loader, args) for v in tqdm(variants, desc='measuring', disable=None)]
     print(f'| timing {len(variants)} points in one interleaved loop')
