@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-heavy benchmark clean-venv
+.PHONY: demo test test-heavy benchmark bench-gpu clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(VENV)/.installed
 # Multi-process end-to-end runs of the papers' commands (torchrun, 2 CPU processes); slower.
 test-heavy: $(VENV)/.installed
 	$(PY) -m pytest -m heavy -q
+
+# Every method against its baseline in one process (GPU: fp16/bf16, batch 1/64/256, eager and compiled; CPU: a
+# reduced grid); writes benchmarks/bench.md and benchmarks/bench.csv.
+bench-gpu: $(VENV)/.installed
+	$(PY) tools/benchmark.py --all --compile --out benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

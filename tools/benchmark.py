@@ -7,10 +7,14 @@
     python tools/benchmark.py --method tavt ...      # a searched gene vs the full model
 
 Each method's options: python tools/benchmark.py --method NAME --help
+
+    python tools/benchmark.py --all [--compile] [--out benchmarks]   # every method vs its baseline, one table
 """
 import argparse
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,17 +26,33 @@ from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
 def get_parser(argv=None):
     """The parser for this command line: --method, and that method's own flags once it is given."""
     parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--method', required=True, choices=sorted(MEASURE_MODULES))
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES))
-    method = pre.parse_known_args(argv)[0].method
-    if method is not None:
+    pre.add_argument('--all', action='store_true')
+    known = pre.parse_known_args(argv)[0]
+    method = known.method
+    parser.add_argument('--method', required=not known.all, choices=sorted(MEASURE_MODULES))
+    if known.all:
+        parser.add_argument('--all', action='store_true', help='the grid of every method against its baseline')
+        parser.add_argument('--compile', action='store_true', help='also torch.compile both models of each pair')
+        parser.add_argument('--out', default='benchmarks', help='folder of bench.md and bench.csv')
+        parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+        parser.add_argument('--methods', nargs='+', default=None, help='a subset of the grid\'s methods')
+        parser.add_argument('--batch-sizes', nargs='+', type=int, default=None, help='default 1 64 256 (GPU), 1 (CPU)')
+        parser.add_argument('--dtypes', nargs='+', default=None, choices=['float32', 'float16', 'bfloat16'])
+        parser.add_argument('--rounds', type=int, default=None)
+        parser.add_argument('--runs', type=int, default=None)
+    elif method is not None:
         measure_module(method).add_benchmark_args(parser)
     return parser
 
 
 def main(argv=None):
     args = get_parser(argv).parse_args(argv)  # without --method: --help, or the usage error naming it
+    if getattr(args, 'all', False):
+        from tools.bench_grid import METHODS, run_grid
+        return run_grid(args.device, args.out, args.methods or tuple(METHODS), args.compile, args.batch_sizes,
+                        args.dtypes, args.rounds, args.runs)
     return measure_module(args.method).benchmark(args)
 
 
