@@ -8,7 +8,7 @@
 
 Each method's options: python tools/benchmark.py --method NAME --help
 
-    python tools/benchmark.py --all [--compile] [--out benchmarks]   # every method vs its baseline, one table
+    python tools/benchmark.py --all --out benchmarks   # every method vs its baseline, one table (--compile too)
 """
 import argparse
 import os
