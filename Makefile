@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,slurm,export]'
 	touch $@
 
 demo: $(VENV)/.installed

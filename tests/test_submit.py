@@ -49,6 +49,7 @@ def test_job_dir_output_flag_and_passed_through_arguments(tmp_path, monkeypatch)
 
 
 def test_requeue_reruns_the_same_command_with_the_scripts_resume_flags(tmp_path):
+    pytest.importorskip('submitit')  # the optional extra '.[slurm]' (make test installs it)
     from submitit.helpers import DelayedSubmission
     from tools.submit import ScriptJob
     job = ScriptJob('tools/train_baseline.py', ['--output_dir', 'o', '--epochs', '3'], str(tmp_path))
@@ -77,7 +78,7 @@ class FakeJobEnvironment:
 
 
 def test_job_sets_the_distributed_variables_of_its_task(monkeypatch):
-    import submitit
+    submitit = pytest.importorskip('submitit')
     from tools.submit import ScriptJob
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.setenv(key, '')  # recorded, so that what the job sets is undone afterwards
