@@ -31,16 +31,30 @@ def softmax_with_policy(attn, policy, eps=SOFTMAX_EPS):
     return attn.type_as(max_logit)
 
 
+def _heads(m, x):
+    """q, k, v of a timm attention module as (B, heads, N, head_dim), q/k normalised where the module does."""
+    B, N, C = x.shape
+    q, k, v = m.qkv(x).reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    if getattr(m, 'q_norm', None) is not None:
+        q, k = m.q_norm(q), m.k_norm(k)
+    return q, k, v
+
+
+def _merge_heads(m, x):
+    """(B, heads, N, head_dim) -> the module's output projection of (B, N, C)."""
+    B, _, N, _ = x.shape
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    if getattr(m, 'norm', None) is not None:
+        x = m.norm(x)
+    return m.proj_drop(m.proj(x))
+
+
 def attention_with_size(attn_module, x, size=None, mask=None):
     """Explicit multi-head self-attention of a timm attention module (its qkv / proj weights) with proportional
     attention (log of the key sizes added to the logits), the masked softmax in training, and the attention map
     returned alongside the output. No fused SDPA: the map is the importance metric."""
-    B, N, C = x.shape
     m = attn_module
-    qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    if getattr(m, 'q_norm', None) is not None:
-        q, k = m.q_norm(q), m.k_norm(k)
+    q, k, v = _heads(m, x)
     attn = (q @ k.transpose(-2, -1)) * m.scale
     if size is not None:
         attn = attn + size.log()[:, None, None, :, 0]
@@ -49,34 +63,21 @@ def attention_with_size(attn_module, x, size=None, mask=None):
     else:
         attn = attn.softmax(dim=-1)
     attn = m.attn_drop(attn)
-    x = (attn @ v).transpose(1, 2).reshape(B, N, -1)
-    if getattr(m, 'norm', None) is not None:
-        x = m.norm(x)
-    x = m.proj(x)
-    x = m.proj_drop(x)
-    return x, attn
+    return _merge_heads(m, attn @ v), attn
 
 
 def fused_attention_with_class_row(attn_module, x, size=None):
     """Inference form of `attention_with_size`: the output from fused attention (no N x N map kept), and only the
     class token's row of the attention map, (B, heads, 1, N), which is all the token ordering reads. The row is
     the same softmax of q_cls . K^T * scale (+ log sizes) as the full map's first row."""
-    B, N, C = x.shape
     m = attn_module
-    qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    if getattr(m, 'q_norm', None) is not None:
-        q, k = m.q_norm(q), m.k_norm(k)
+    q, k, v = _heads(m, x)
     size_bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
     cls_logits = (q[:, :, :1] @ k.transpose(-2, -1)) * m.scale
     if size_bias is not None:
         cls_logits = cls_logits + size_bias
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias, scale=m.scale)
-    x = x.transpose(1, 2).reshape(B, N, -1)
-    if getattr(m, 'norm', None) is not None:
-        x = m.norm(x)
-    x = m.proj_drop(m.proj(x))
-    return x, cls_logits.softmax(dim=-1)
+    return _merge_heads(m, x), cls_logits.softmax(dim=-1)
 
 
 class DiffRateAttention(Attention):
