@@ -275,10 +275,9 @@ def check_train_batches(dataset_train, args, drop_last=True):
 def check_finite_weights(state_dict, source, flag=None):
     """Refuse weights holding NaN or Inf (UserError naming the file and the first such tensors): training or
     evaluating them only produces NaN."""
-    import torch
+    from shared.checkpoint import nonfinite_tensors
     from shared.errors import UserError
-    bad = [k for k, v in state_dict.items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())]
+    bad = nonfinite_tensors(state_dict)
     if bad:
         shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
         raise UserError(f'{flag + " " if flag else ""}{source}: non-finite (NaN/Inf) values in {shown}; '

@@ -493,14 +493,19 @@ def load_finetune(model, path, what='--finetune', ignore_missing=(), head_keys=_
     return load_finetune_state(model, convert_checkpoint(path, model), f'{what} {path}', ignore_missing, head_keys)
 
 
+def nonfinite_tensors(state_dict):
+    """Names of the floating-point tensors of a state dict that hold NaN or Inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+
+
 def load_finetune_state(model, state, source, ignore_missing=(), head_keys=_HEAD_KEYS):
     """Load a timm-layout state dict for fine-tuning. Classifier weights (`head_keys`) of another shape are dropped,
     as DeiT does. Unlike DeiT, a checkpoint that does not fit the model's body stops here with the keys named: one
     sharing no weight with the model, or lacking some of its non-classifier weights (but those whose name contains one
     of `ignore_missing`, e.g. modules a method adds to the backbone)."""
     state = dict(state)
-    broken = [k for k, v in state.items()
-              if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    broken = nonfinite_tensors(state)
     if broken:
         raise CheckpointError(f'{source}: non-finite (NaN/Inf) values in {_short(broken, 5)}; these weights are '
                               'broken, refusing them')

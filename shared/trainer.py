@@ -20,9 +20,8 @@ import math
 import os
 import time
 
-import torch
-
-from shared.checkpoint import atomic_copy, atomic_save, auto_resume, load_training_state, save_checkpoint
+from shared.checkpoint import (atomic_copy, atomic_save, auto_resume, load_training_state, nonfinite_tensors,
+                               save_checkpoint)
 from shared.distributed import is_main_process, unwrap_model
 from shared.errors import TrainingDiverged, UserError
 from shared.rundir import RunDir
@@ -40,10 +39,10 @@ def check_finite_loss(loss_value, epoch, step=None):
 
 def check_finite_weights(module, what='model'):
     """Stop when a floating-point tensor of `module`'s state holds NaN/Inf, naming the first such tensor."""
-    for name, tensor in unwrap_model(module).state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise TrainingDiverged(f'{what} tensor {name} holds NaN/Inf values; stopping before anything is saved '
-                                   '(the last checkpoint is kept)')
+    broken = nonfinite_tensors(unwrap_model(module).state_dict())
+    if broken:
+        raise TrainingDiverged(f'{what} tensor {broken[0]} holds NaN/Inf values; stopping before anything is saved '
+                               '(the last checkpoint is kept)')
 
 
 class Best:

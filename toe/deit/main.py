@@ -87,9 +87,7 @@ def main(args):
                          drop_block_rate=None, img_size=args.input_size)
     model.token_select = build_token_select(args)
     if args.finetune:
-        load_finetune(model, args.finetune)
-        # the freshly initialised tensors are finite, so anything non-finite came from the file
-        check_finite_weights(model.state_dict(), args.finetune, '--finetune')
+        load_finetune(model, args.finetune)  # refuses NaN/Inf weights itself
     if args.attn_only:
         set_attn_only(model)
     model.to(device)
