@@ -314,7 +314,5 @@ def load_checkpoint(path, flag):
     check_checkpoint_file(path, flag)
     try:
         return safe_load(path)
-    except CheckpointError as e:
+    except CheckpointError as e:  # safe_load reports unreadable, unsafe and non-checkpoint files alike
         raise UserError(f'{flag}: {e}') from None
-    except (KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise UserError(f'{flag} {path}: not a torch checkpoint ({type(e).__name__}: {e})') from None
