@@ -195,7 +195,8 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _all_rank_rng_states():
+def all_rank_rng_states():
+    """Every rank's RNG states, indexed by rank (a collective when distributed: call it on every rank)."""
     from shared.distributed import get_world_size, is_dist_avail_and_initialized
     mine = rng_state()
     if not is_dist_avail_and_initialized():
@@ -226,7 +227,7 @@ def save_checkpoint(path, *, model, optimizer=None, lr_scheduler=None, epoch=Non
     only rank 0 writes, atomically. From code that runs on rank 0 only, pass all_ranks=False: then only rank 0's
     RNG state is stored, and a multi-process resume says it cannot restore the others."""
     from shared.distributed import is_main_process, unwrap_model
-    states = _all_rank_rng_states() if all_ranks else [rng_state()]
+    states = all_rank_rng_states() if all_ranks else [rng_state()]
     if not is_main_process():
         return
     obj = {'model': model if isinstance(model, dict) else unwrap_model(model).state_dict()}
@@ -259,6 +260,19 @@ def auto_resume(args, filename='checkpoint.pth'):
     return getattr(args, 'resume', '')
 
 
+def restore_rank_rng(states, source):
+    """Set this rank's RNG states from a checkpoint's per-rank list; with another number of processes they are left
+    as they are, saying so."""
+    from shared.distributed import get_rank, get_world_size
+    if not states:
+        return
+    if len(states) != get_world_size():
+        print(f'| {source} was written by {len(states)} processes, this run has {get_world_size()}: RNG states not '
+              'restored (augmentations will differ from an uninterrupted run)')
+        return
+    set_rng_state(states[get_rank()])
+
+
 def resume(args, model, optimizer=None, lr_scheduler=None, loss_scaler=None, model_ema=None):
     """DeiT's `--resume`: load the model strictly; unless --eval, also the optimizer, scheduler, epoch (training
     continues at epoch + 1), EMA and loss scaler, then this rank's RNG state. Returns args.start_epoch."""
@@ -271,7 +285,7 @@ def load_training_state(args, model, optimizer=None, lr_scheduler=None, loss_sca
     """The body of `resume`; returns the loaded checkpoint dict (None without --resume) so that the caller can read
     its own fields. trainable_only: the checkpoint holds only the parameters that require grad (ToCom's
     compensator); they must all be there, the frozen rest comes from the model as built."""
-    from shared.distributed import get_rank, get_world_size, unwrap_model
+    from shared.distributed import unwrap_model
     if not getattr(args, 'resume', ''):
         return None
     checkpoint = safe_load(args.resume)
@@ -299,13 +313,7 @@ def load_training_state(args, model, optimizer=None, lr_scheduler=None, loss_sca
         # DeiT calls lr_scheduler.step(start_epoch) here, which sets the lr one epoch ahead of what an uninterrupted
         # run uses (its loop steps with the finished epoch's index). The optimizer state already holds the lr of the
         # saved moment, so nothing is stepped: the resumed run continues exactly.
-        states = checkpoint.get('rng')
-        if states:
-            if len(states) == get_world_size():
-                set_rng_state(states[get_rank()])
-            else:
-                print(f'| {args.resume} was written by {len(states)} processes, this run has {get_world_size()}: '
-                      'RNG states not restored (augmentations will differ from an uninterrupted run)')
+        restore_rank_rng(checkpoint.get('rng'), args.resume)
         print(f"| resumed from {args.resume}: epoch {checkpoint['epoch']} done, starting epoch {args.start_epoch}")
     return checkpoint
 

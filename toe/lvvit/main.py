@@ -36,11 +36,10 @@ import torch
 import yaml
 
 from shared.amp import NativeScaler, autocast
-from shared.checkpoint import (CheckpointError, atomic_copy, atomic_save, atomic_write_text, load_finetune_state,
-                               load_weights, rng_state, safe_load, set_rng_state, to_timm_state_dict)
+from shared.checkpoint import (CheckpointError, all_rank_rng_states, atomic_copy, atomic_save, atomic_write_text,
+                               load_finetune_state, load_weights, restore_rank_rng, safe_load, to_timm_state_dict)
 from shared.datasets import DatasetLayoutError, image_folder
-from shared.distributed import (all_reduce_mean, get_rank, get_world_size, init_distributed_mode, is_main_process,
-                                seed_per_rank, wrap_ddp)
+from shared.distributed import all_reduce_mean, init_distributed_mode, is_main_process, seed_per_rank, wrap_ddp
 from shared.engine import build_model_ema, evaluate
 from shared.errors import UserError, run_cli
 from shared.rundir import RunDir
@@ -314,16 +313,6 @@ def summary_row(epoch, train_metrics, eval_metrics):
             **{f'eval_{k}': v for k, v in eval_metrics.items()}}
 
 
-def gather_rng_states(distributed):
-    """Every rank's RNG states, indexed by rank (a collective: call it on every rank)."""
-    mine = rng_state()
-    if not distributed:
-        return [mine]
-    states = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, mine)
-    return states
-
-
 def saved_runs(args, img_size):
     """last.pth.tar of this model's earlier runs at this input size under <--output>/train/, oldest save first."""
     base = os.path.join(args.output or './output', 'train')
@@ -384,17 +373,6 @@ def resume_checkpoint(model, path, optimizer=None, loss_scaler=None):
     epoch = obj.get('epoch')
     print(f"| resumed {path} (epoch {epoch})")
     return (None if epoch is None else epoch + 1 if obj.get('version', 1) > 1 else epoch), obj
-
-
-def restore_rng(checkpoint, path):
-    states = checkpoint.get('rng')
-    if not states:
-        return
-    if len(states) != get_world_size():
-        print(f'| {path} was written by {len(states)} processes, this run has {get_world_size()}: RNG states not '
-              'restored (augmentations will differ from an uninterrupted run)')
-        return
-    set_rng_state(states[get_rank()])
 
 
 def eval_dir(args):
@@ -626,7 +604,7 @@ def main(args, args_text=''):
         mixup_fn = build_token_label_mixup(args)
         if continuing:
             # after everything that draws at start-up: the first epoch draws what the saved run's next epoch drew
-            restore_rng(checkpoint, resume_path)
+            restore_rank_rng(checkpoint.get('rng'), resume_path)
         best_metric = best_epoch = None
         for epoch in range(start_epoch, num_epochs):
             if args.distributed:
@@ -654,7 +632,7 @@ def main(args, args_text=''):
             if model_ema is not None:
                 check_finite_weights(model_ema.module, 'EMA model')
             # after evaluation, whose loader draws from torch's generator: a restart continues with the same draws
-            rng = gather_rng_states(args.distributed)
+            rng = all_rank_rng_states()
             if saver is not None:
                 best_metric, best_epoch = saver.save_checkpoint(epoch, eval_metrics[args.eval_metric],
                                                                 extra={'rng': rng, 'summary': list(rows)})
