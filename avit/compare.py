@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from shared.compare_api import MissingArtefact, Variant, data_args, load_base_model  # noqa: F401
+from shared.compare_api import epochs_for, MissingArtefact, Variant, data_args, load_base_model  # noqa: F401
 from avit.engine_act import act_loss_fn, per_image_macs
 from avit.models_act import AdaptiveVisionTransformer
 
@@ -41,7 +41,7 @@ def _train_args(ctx, args):
     a = get_args_parser(add_help=False).parse_args([])
     for k, v in vars(ctx.data_args).items():
         setattr(a, k, v)
-    a.lr, a.epochs, a.warmup_epochs, a.mixup, a.cutmix, a.model_ema = args.avit_lr, ctx.epochs, 0, 0., 0., False
+    a.lr, a.epochs, a.warmup_epochs, a.mixup, a.cutmix, a.model_ema = args.avit_lr, epochs_for(ctx, 2), 0, 0., 0., False
     a.ponder_token_scale, a.distr_prior_alpha, a.unscale_lr = args.avit_ponder, args.avit_prior, True
     a.print_freq = 10 ** 6
     # a few epochs on 32 px digits learn more without RandAugment
@@ -59,7 +59,7 @@ def _fine_tune(ctx, args, model, path):
     model.to(ctx.device)
     optimizer, scaler, scheduler = build_optimization(targs, model, ctx.device)
     criterion = build_criterion(targs, None)
-    epochs = 1 if ctx.quick else ctx.epochs
+    epochs = epochs_for(ctx, 2)
     for epoch in range(epochs):
         train_one_epoch(model, criterion, loader, optimizer, ctx.device, epoch, scaler, print_freq=10 ** 6,
                         loss_fn=act_loss_fn(targs, criterion, optimizer))
@@ -81,7 +81,7 @@ def variants(method, ctx, args):
     os.makedirs(cache, exist_ok=True)
     for center in args.avit_gate_centers:
         model = _avit_from_base(ctx, args.avit_gate_scale, center)
-        path = os.path.join(cache, f'avit-{args.avit_gate_scale:g}-{center:g}-ep{ctx.epochs}'
+        path = os.path.join(cache, f'avit-{args.avit_gate_scale:g}-{center:g}-ep{epochs_for(ctx, 2)}'
                                    f'{"-quick" if ctx.quick else ""}.pth')
         if not os.path.isfile(path):
             _fine_tune(ctx, args, model, path)
@@ -91,6 +91,6 @@ def variants(method, ctx, args):
         out.append(Variant(method='avit', label=f'beta={center:g}',
                            settings={'gate_scale': args.avit_gate_scale, 'gate_center': center,
                                      'ponder_token_scale': args.avit_ponder, 'distr_prior_alpha': args.avit_prior,
-                                     'epochs': ctx.epochs, 'zipped': True},
+                                     'epochs': epochs_for(ctx, 2), 'zipped': True},
                            model=model, gflops=None, forward=_forward, artefacts={'checkpoint': path}))
     return out

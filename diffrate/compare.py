@@ -25,7 +25,7 @@ import contextlib
 import io
 import os
 
-from shared.compare_api import MissingArtefact, Variant, load_base_model
+from shared.compare_api import epochs_for, MissingArtefact, Variant, load_base_model
 
 METHODS = ('diffrate',)
 
@@ -84,7 +84,7 @@ def _flops_weight(value):
 
 def _search_dir(ctx, args, target):
     return os.path.join(ctx.cache_dir, 'diffrate',
-                        f'{ctx.model_name}_t{target:g}_g{args.diffrate_granularity}_e{ctx.epochs}'
+                        f'{ctx.model_name}_t{target:g}_g{args.diffrate_granularity}_e{epochs_for(ctx, 2)}'
                         f'_lr{args.diffrate_arch_lr:g}_w{flops_weight(ctx, args):.4g}_s{ctx.seed}'
                         + ('_quick' if ctx.quick else ''))
 
@@ -110,7 +110,7 @@ def search(ctx, args, target):
     from diffrate.main import get_args_parser, main
     d = ctx.data_args
     argv = ['--model', ctx.model_name, '--data-set', d.data_set, '--input-size', str(d.input_size),
-            '--batch-size', str(args.diffrate_batch_size), '--epochs', str(ctx.epochs),
+            '--batch-size', str(args.diffrate_batch_size), '--epochs', str(epochs_for(ctx, 2)),
             '--target_flops', str(target), '--granularity', str(args.diffrate_granularity),
             '--arch-lr', str(args.diffrate_arch_lr), '--arch-min-lr', str(args.diffrate_arch_min_lr),
             '--output_dir', out, '--device', str(ctx.device), '--num_workers', str(d.num_workers),
@@ -149,7 +149,7 @@ def variants(method, ctx, args):
         model.set_kept_num(prune, merge)
         model.eval()
         settings = {'target_flops': target, 'prune_kept_num': prune, 'merge_kept_num': merge,
-                    'granularity': args.diffrate_granularity, 'search_epochs': None if given else ctx.epochs,
+                    'granularity': args.diffrate_granularity, 'search_epochs': None if given else epochs_for(ctx, 2),
                     'arch_lr': args.diffrate_arch_lr, 'flops_weight': None if given else flops_weight(ctx, args)}
         made.append(Variant(method='diffrate', label=f'target={target:g}', settings=settings, model=model,
                             gflops=model.calculate_flop_inference() / 1e9, forward=_logits,

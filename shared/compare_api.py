@@ -16,6 +16,7 @@ When the user points a method at artefacts that do not exist (`ctx.artefacts`), 
 file and the command that makes it.
 """
 import argparse
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -34,9 +35,11 @@ class Context:
     cache_dir: str                   # method artefacts go under cache_dir/<method>
     device: torch.device
     seed: int = 0
-    epochs: int = 2                  # training budget for artefacts derived on the fly
+    epochs: Optional[int] = None     # --epochs: overrides every method's own training budget (epochs_for)
     artefacts: dict = field(default_factory=dict)   # user-given paths: {'tocom_path': ..., 'schedule': ...}
     quick: bool = False              # tests: smallest possible budgets
+    shipped_root: Optional[str] = None   # shared/assets/compare when this is the embedded default, else None
+    retrain: bool = False            # --retrain: ignore the shipped artefacts, derive (and cache) them again
 
 
 @dataclass
@@ -55,6 +58,26 @@ class MissingArtefact(UserError, FileNotFoundError):
     def __init__(self, what, path, command):
         self.what, self.path, self.command = what, path, command
         super().__init__(f'{what} not found at {path}; make it with: {command}')
+
+
+def epochs_for(ctx, default):
+    """The training budget of a method's artefact: 1 in tests, --epochs when given, else the method's own default
+    (the budget its shipped artefact was made with)."""
+    if ctx.quick:
+        return 1
+    return ctx.epochs if ctx.epochs is not None else default
+
+
+def artefact_dir(ctx, method, name):
+    """Where a method's artefact `name` (a folder name that encodes every setting it depends on) lives: the shipped
+    copy under `ctx.shipped_root/<method>/<name>` when one exists and --retrain was not given (read it, never write
+    into it), else `ctx.cache_dir/<method>/<name>`, where the method derives and caches it. A finished artefact folder
+    holds a file `done`."""
+    if ctx.shipped_root and not ctx.retrain and not ctx.quick:
+        shipped = os.path.join(ctx.shipped_root, method, name)
+        if os.path.isfile(os.path.join(shipped, 'done')):
+            return shipped
+    return os.path.join(ctx.cache_dir, method, name)
 
 
 def load_base_model(ctx, **overrides):

@@ -11,7 +11,7 @@ import contextlib
 import io
 import os
 
-from shared.compare_api import MissingArtefact, Variant, load_base_model
+from shared.compare_api import epochs_for, MissingArtefact, Variant, load_base_model
 from tocom.measure import model_gflops
 
 METHODS = ('tome', 'tocom')
@@ -39,7 +39,7 @@ def _pretrain_compensator(ctx, args, steps):
         if not os.path.isfile(given):
             raise MissingArtefact('ToCom compensator', given, 'python tocom/main.py --r_src -1 ... (README)')
         return given
-    out = os.path.join(ctx.cache_dir, 'tocom', f'{ctx.model_name}_steps{steps}_e{ctx.epochs}_s{ctx.seed}')
+    out = os.path.join(ctx.cache_dir, 'tocom', f'{ctx.model_name}_steps{steps}_e{epochs_for(ctx, 2)}_s{ctx.seed}')
     path = os.path.join(out, 'checkpoint.pth')
     if os.path.isfile(os.path.join(out, 'done')):
         return path
@@ -48,7 +48,7 @@ def _pretrain_compensator(ctx, args, steps):
     argv = ['--model', f'{ctx.model_name}_tocom', '--teacher-model', ctx.model_name,
             '--finetune', ctx.base_checkpoint, '--teacher-path', ctx.base_checkpoint,
             '--distillation-type', 'soft', '--distillation-alpha', '1.0', '--r_src', '-1',
-            '--warmup-epochs', '0', '--lr', str(args.tocom_lr), '--epochs', str(ctx.epochs),
+            '--warmup-epochs', '0', '--lr', str(args.tocom_lr), '--epochs', str(epochs_for(ctx, 2)),
             '--tocom_scale', str(args.tocom_scale), '--tocom_steps', str(steps),
             '--data-set', d.data_set, '--input-size', str(d.input_size), '--batch-size', str(min(d.batch_size, 64)),
             '--output_dir', out, '--device', str(ctx.device), '--num_workers', str(d.num_workers),

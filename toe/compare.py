@@ -6,7 +6,7 @@ starting from the baseline's weights through `--finetune` (weights only: a fresh
 schedule, so the expansion stages run from their first one; `--resume` would instead continue the baseline's
 finished schedule at its last epoch, past every expansion step). The schedule is the DeiT run script's
 (`--keep-rate 0.5 0.75 1.0 --initialization-keep-rate 0.25 --expansion-multiple-stage 2`, steps at 0/100/200 of 300
-epochs) scaled to the budget: E = max(ctx.epochs, stages) epochs, stage s starting at epoch (s-1)*E//S. With
+epochs) scaled to the budget: E = max(epochs, stages) (epochs: `epochs_for(ctx, 2)`) epochs, stage s starting at epoch (s-1)*E//S. With
 `ctx.quick` (tests) the same run trains on 64 generated images (FAKE) instead of the comparison data.
 
 The trained model is evaluated as the plain ViT on all tokens (its GFLOPs are the baseline's). `extra` carries the
@@ -19,7 +19,7 @@ import io
 import json
 import os
 
-from shared.compare_api import Variant, load_base_model
+from shared.compare_api import epochs_for, Variant, load_base_model
 
 METHODS = ('toe',)
 
@@ -65,7 +65,7 @@ def train(ctx, args):
     from toe.deit.models import MODELS
     if ctx.model_name not in MODELS:
         raise SystemExit(f'toe: {ctx.model_name} is not a model of ToE/deit (known: {sorted(MODELS)})')
-    epochs, steps = schedule(ctx.epochs, args.toe_keep_rates)
+    epochs, steps = schedule(epochs_for(ctx, 2), args.toe_keep_rates)
     rates = '-'.join(f'{r:g}' for r in args.toe_keep_rates)
     out = os.path.join(ctx.cache_dir, 'toe', f'{ctx.model_name}_r{rates}_r0{args.toe_initialization_keep_rate:g}'
                                              f'_k{args.toe_expansion_multiple_stage}_e{epochs}_lr{args.toe_lr:g}'

@@ -51,6 +51,8 @@ DEFAULT_METHODS = ['tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe']
 # The embedded default's baseline, trained by tools/train_baseline.py (the command is in shared/assets/README.md), so
 # that the demo spends its minutes on the methods rather than on re-training the same ViT.
 SHIPPED_BASELINE = os.path.join(ROOT, 'shared', 'assets', 'vit_digits_patch4_32.pth')
+# ... and each method's artefacts derived from it (shared/assets/README.md has the command and SHA-256 of each)
+SHIPPED_ARTEFACTS = os.path.join(ROOT, 'shared', 'assets', 'compare')
 FIELDS = ['method', 'label', 'acc1', 'acc5', 'gflops', 'img_per_s', 'img_per_s_min', 'img_per_s_max',
           'img_per_s_q1', 'img_per_s_q3', 'speedup', 'latency_ms', 'latency_ms_min', 'latency_ms_max', 'spread_wide',
           'peak_mem_mb', 'params_m',
@@ -89,7 +91,12 @@ def get_parser(methods):
     parser.add_argument('--retrain-baseline', action='store_true',
                         help='train the DIGITS baseline with tools/train_baseline.py (cached) instead of the shipped one')
     parser.add_argument('--baseline-epochs', default=40, type=int)
-    parser.add_argument('--epochs', default=2, type=int, help='training budget of artefacts derived on the fly')
+    parser.add_argument('--epochs', default=None, type=int,
+                        help="override every method's training budget (default: each method's own, the one its "
+                        'shipped artefact was made with)')
+    parser.add_argument('--retrain', action='store_true',
+                        help='derive every artefact again (cached under --cache-dir) instead of using the shipped ones '
+                        f'({os.path.relpath(SHIPPED_ARTEFACTS, ROOT)}, embedded default only)')
     parser.add_argument('--cache-dir', default=os.path.join(ROOT, '.cache', 'compare'))
     parser.add_argument('--output-dir', default=os.path.join(ROOT, 'output', 'compare'))
     parser.add_argument('--batch-size', default=128, type=int, help='evaluation batch size')
@@ -195,7 +202,8 @@ def build_context(args):
     data_args = make_data_args(args.data_set, args.data_path, input_size, args.batch_size, args.num_workers, args.seed)
     return Context(base_checkpoint=ckpt, model_name=args.model, model_kwargs=model_kwargs, data_args=data_args,
                    cache_dir=args.cache_dir, device=torch.device(args.device), seed=args.seed,
-                   epochs=1 if args.quick else args.epochs, artefacts={}, quick=args.quick)
+                   epochs=args.epochs, artefacts={}, quick=args.quick, retrain=args.retrain,
+                   shipped_root=SHIPPED_ARTEFACTS if ckpt == SHIPPED_BASELINE else None)
 
 
 def baseline_variant(ctx):
