@@ -9,6 +9,7 @@ import torch
 
 from shared.compare_api import MissingArtefact, Variant
 from shared.models import create_model
+from shared import methods as registry
 from tools import compare
 
 
@@ -41,13 +42,19 @@ def _fake_hook(monkeypatch):
 
     mod.add_args, mod.variants = add_args, variants
     monkeypatch.setitem(sys.modules, 'fake_compare_hook', mod)
-    monkeypatch.setitem(compare.METHOD_MODULES, 'fake', 'fake_compare_hook')
+    monkeypatch.setitem(registry.METHODS, 'fake', registry.Method('fake', 'Fake', '-', 'fake_compare_hook', '-', 'inference', 'x', 'gray'))
     return mod
 
 
 def test_registry_covers_the_five_methods():
-    assert {'tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe'} <= set(compare.METHOD_MODULES)
-    assert set(compare.DEFAULT_METHODS) == {'tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe'}
+    assert set(registry.METHODS) == set(compare.DEFAULT_METHODS) == {'tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe'}
+    assert registry.of_kind('training') == ('toe',)
+    # every hook module the registry names exists, and provides the names it is registered under
+    for name, method in registry.METHODS.items():
+        assert name in compare.hook_module(name).METHODS
+        assert registry.measure_hook(name).__name__ == method.measure
+    styles = [registry.style(n) for n in (*registry.NAMES, 'baseline')]
+    assert len(set(styles)) == len(styles)  # one marker and colour per method
 
 
 def test_tiny_sweep_writes_every_field_and_matches_own_evaluation(tmp_path, baseline, monkeypatch, capsys):

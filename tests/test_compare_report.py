@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shared.compare_api import Variant, load_base_model
+from shared import methods as registry
 from tools import compare
 
 
@@ -17,7 +18,7 @@ def _hook(monkeypatch, make):
     mod.METHODS = ('fake',)
     mod.variants = lambda method, ctx, args: make(ctx)
     monkeypatch.setitem(sys.modules, 'fake_report_hook', mod)
-    monkeypatch.setitem(compare.METHOD_MODULES, 'fake', 'fake_report_hook')
+    monkeypatch.setitem(registry.METHODS, 'fake', registry.Method('fake', 'Fake', '-', 'fake_report_hook', '-', 'inference', 'x', 'gray'))
 
 
 def _run(tmp_path, compare_ctx, *extra_argv):

@@ -37,17 +37,10 @@ import torch  # noqa: E402
 from shared.args import CheckedArgumentParser, check_finite_weights, load_checkpoint  # noqa: E402
 from shared.compare_api import Context, MissingArtefact, Variant, make_data_args  # noqa: E402
 from shared.errors import UserError, debug_requested  # noqa: E402
+from shared import methods as registry  # noqa: E402
 
-# method name -> hook module (the protocol is in shared/compare_api.py)
-METHOD_MODULES = {
-    'tome': 'tocom.compare',
-    'tocom': 'tocom.compare',
-    'diffrate': 'diffrate.compare',
-    'avit': 'avit.compare',
-    'tavt': 'tavt.compare',
-    'toe': 'toe.compare',
-}
-DEFAULT_METHODS = ['tome', 'tocom', 'diffrate', 'avit', 'tavt', 'toe']
+# the methods, their hook modules and plot styles: the one registry, shared/methods.py
+DEFAULT_METHODS = list(registry.NAMES)
 # The embedded default's baseline, trained by tools/train_baseline.py (the command is in shared/assets/README.md), so
 # that the demo spends its minutes on the methods rather than on re-training the same ViT.
 SHIPPED_BASELINE = os.path.join(ROOT, 'shared', 'assets', 'vit_digits_patch4_32.pth')
@@ -73,15 +66,18 @@ class ErrorExit(SystemExit):
 
 
 def hook_module(method):
-    if method not in METHOD_MODULES:
-        raise UserError(f"unknown method '{method}' in --methods; known methods: {', '.join(sorted(METHOD_MODULES))}")
-    return importlib.import_module(METHOD_MODULES[method])
+    """The compare hook of a method (an unknown name is a UserError naming the known ones)."""
+    return importlib.import_module(registry.get(method).compare)
+
+
+def known_methods():
+    return ', '.join(sorted(registry.METHODS))
 
 
 def get_parser(methods):
     parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--methods', default=','.join(DEFAULT_METHODS),
-                        help=f'comma-separated, from {", ".join(sorted(METHOD_MODULES))}')
+                        help=f'comma-separated, from {known_methods()}')
     parser.add_argument('--data-set', default='DIGITS')
     parser.add_argument('--data-path', default='')
     parser.add_argument('--input-size', default=None, type=int, help='default: 32 for DIGITS, 224 otherwise')
@@ -136,15 +132,13 @@ def parse_methods(argv):
                 hook_module(m)
                 methods.append(m)
             except ImportError as e:
-                print(f'| skipping {m}: its compare hook {METHOD_MODULES[m]} cannot be imported ({e})')
+                print(f'| skipping {m}: its compare hook {registry.get(m).compare} cannot be imported ({e})')
         return methods
     methods = [m.strip() for m in known.methods.split(',') if m.strip()]
     if not methods:
-        raise UserError(f"--methods {known.methods!r} names no method; known methods: {', '.join(sorted(METHOD_MODULES))}")
-    unknown = [m for m in methods if m not in METHOD_MODULES]
-    if unknown:
-        raise UserError(f"unknown method '{unknown[0]}' in --methods; known methods: "
-                        f"{', '.join(sorted(METHOD_MODULES))}")
+        raise UserError(f"--methods {known.methods!r} names no method; known methods: {known_methods()}")
+    for m in methods:
+        registry.get(m)  # an unknown name: the error lists the known ones
     return methods
 
 
@@ -383,9 +377,6 @@ def plot(rows, out_dir):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    markers = {'baseline': '*', 'tome': 'o', 'tocom': 's', 'diffrate': '^', 'avit': 'D', 'tavt': 'v', 'toe': 'P'}
-    colors = {'baseline': 'black', 'tome': 'tab:orange', 'tocom': 'tab:green', 'diffrate': 'tab:red',
-              'avit': 'tab:purple', 'tavt': 'tab:brown', 'toe': 'tab:pink'}
     for x_key, x_label, low_better, name in (('gflops', 'GFLOPs (MACs)', True, 'acc_vs_gflops.png'),
                                              ('img_per_s', 'throughput (img/s)', False, 'acc_vs_throughput.png')):
         fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
@@ -393,10 +384,11 @@ def plot(rows, out_dir):
             pts = [r for r in rows if r['method'] == method]
             # ToMe is drawn as rings so that a ToCom point at the same place (zero-FLOPs folded compensator) shows
             hollow = method == 'tome'
-            ax.scatter([r[x_key] for r in pts], [r['acc1'] for r in pts], marker=markers.get(method, 'x'),
+            marker, color = registry.style(method)
+            ax.scatter([r[x_key] for r in pts], [r['acc1'] for r in pts], marker=marker,
                        s=150 if hollow else 60, label=method, zorder=4 if hollow else 3,
-                       **({'facecolors': 'none', 'edgecolors': colors[method], 'linewidths': 1.5} if hollow
-                          else {'color': colors.get(method, 'gray')}))
+                       **({'facecolors': 'none', 'edgecolors': color, 'linewidths': 1.5} if hollow
+                          else {'color': color}))
             for r in pts:
                 ax.annotate(f"{method} {r['label']}" if method != 'baseline' else 'baseline', (r[x_key], r['acc1']),
                             fontsize=6, xytext=(5, -9 if hollow else 4), textcoords='offset points')

@@ -18,13 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from shared.args import CheckedArgumentParser  # noqa: E402
 from shared.errors import UserError, run_cli  # noqa: E402
-from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
+from shared.methods import NAMES as METHOD_NAMES  # noqa: E402
+from tools._dispatch import measure_module  # noqa: E402
 
 
 def method_of(argv):
     """--method alone, before the method's own flags are known (a name it does not know is a usage error)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES))
+    pre.add_argument('--method', default=None, choices=sorted(METHOD_NAMES))
     return pre.parse_known_args(argv)[0].method
 
 
@@ -58,7 +59,7 @@ def get_parser(argv=None):
     """The parser for this command line: the plain model's flags, or --method's own (its hook adds them)."""
     method = method_of(argv)
     parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES),
+    parser.add_argument('--method', default=None, choices=sorted(METHOD_NAMES),
                         help='a method\'s configuration; none: the plain model')
     if method is None:
         parser.add_argument('--model', default='deit_small_patch16_224')
