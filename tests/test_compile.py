@@ -2,13 +2,13 @@
 schedule, TAVT with an installed gene, A-ViT zipped and ToE at a stage.
 
 What is pinned (dynamo's `explain`, per path, on the CPU):
-- one graph and no break where the token counts are fixed by the settings (plain, ToMe, ToCom, DiffRate, TAVT), so
-  these compile with `fullgraph=True`;
+- one graph and no break where the token counts are fixed by the settings (plain, ToMe, ToCom, DiffRate, TAVT, ToE
+  at a stage), so these compile with `fullgraph=True`;
 - A-ViT zipped: how many tokens stay active is read from the data (`.item()` in the packing step), one break per read
   with dynamo's defaults; with `capture_scalar_outputs=True` the count is an unbacked size and the forward is one
   graph (fullgraph);
-- ToE: the seed/rest split is boolean-mask indexing (`nonzero`, a data-dependent output shape) in toe/token_select.py,
-  so dynamo breaks there under either setting.
+- ToE: its seed/rest split (toe/token_select.py) is slices of one `arange`, every size a Python int of the stage, so
+  it is one graph too (it was boolean-mask indexing before, `nonzero`, 10 breaks at 2 blocks).
 The inductor runs (heavy: each compile takes tens of seconds on one core) check that compiled logits equal eager within
 1e-5 and that a second batch of the same size does not recompile.
 """
@@ -32,12 +32,12 @@ EXPECTED = {
     'diffrate': ({}, 1, 0),
     'tavt': ({}, 1, 0),
     'avit_zipped': ({'capture_scalar_outputs': True}, 1, 0),
-    'toe_stage': ({}, 11, 10),
+    'toe_stage': ({}, 1, 0),
 }
 # A-ViT zipped with dynamo's defaults: breaks at every `.item()` of the packing step
 AVIT_DEFAULT_CONFIG = (6, 5)
 # the 12-block models (heavy): only the data-dependent paths change with depth
-EXPECTED_FULL_DEPTH = {'avit_zipped_default': (9, 8), 'toe_stage': (11, 10)}
+EXPECTED_FULL_DEPTH = {'avit_zipped_default': (9, 8), 'toe_stage': (1, 0)}
 
 
 def explain(model, x, **config):
@@ -59,10 +59,18 @@ def test_avit_zipped_breaks_on_item_with_default_config():
     assert all('item' in str(b.reason) for b in explained.break_reasons)
 
 
-def test_toe_breaks_on_the_boolean_mask_of_its_seeds():
-    explained = explain(reduced_models.toe_stage(depth=DEPTH), reduced_models.images(2))
-    sites = {(os.path.basename(b.user_stack[-1].filename), b.user_stack[-1].name) for b in explained.break_reasons}
-    assert ('token_select.py', 'seed_indices') in sites
+def test_toe_seed_split_equals_the_boolean_mask_it_replaces():
+    """seed_indices against the mask it replaced, written independently here: every `stride`-th position up to
+    `n_seed` seeds, the rest ascending; over sizes and rates whose float arithmetic is uneven (1 // 0.1 == 9)."""
+    from toe.token_select import TokenSelect
+    for rate in (0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7):
+        select = TokenSelect(keep_rate=(max(rate, 0.5), 0.75, 1.0), initialization_keep_rate=rate)
+        for n in (1, 7, 10, 49, 64, 196, 197, 576):
+            n_seed, stride = int(n * rate), int(1 // rate)
+            is_seed = torch.zeros(n, dtype=torch.bool)
+            is_seed[list(range(0, n, stride))[:n_seed]] = True
+            seeds, rest = select.seed_indices(n, torch.device('cpu'))
+            assert torch.equal(seeds, torch.arange(n)[is_seed]) and torch.equal(rest, torch.arange(n)[~is_seed])
 
 
 def test_tome_fullgraph_without_recompiling():

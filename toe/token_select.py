@@ -160,11 +160,18 @@ class TokenSelect(nn.Module):
         raise ValueError(f'unknown distance {self.distance!r}')
 
     def seed_indices(self, num_patches, device):
+        """The seed positions (every stride-th, n_seed of them) and the other positions, both ascending.
+
+        Written with slices and reshapes of one `arange` so that every shape is a Python int: no boolean mask, hence
+        no `nonzero`, which would be a data-dependent shape (a graph break under torch.compile) and a host sync on a
+        GPU. The seeds span the first n_seed * stride positions: stride <= 1 / rate and n_seed <= N * rate, so that
+        span never passes N; inside it the non-seeds are columns 1.. of an (n_seed, stride) view, after it all
+        positions are non-seeds."""
         n_seed, stride = self.seed_count_and_stride(num_patches)
-        is_seed = torch.zeros(num_patches, dtype=torch.bool, device=device)
-        is_seed[torch.arange(0, num_patches, stride, device=device)[:n_seed]] = True
+        span = n_seed * stride
         positions = torch.arange(num_patches, device=device)
-        return positions[is_seed], positions[~is_seed]
+        grid = positions[:span].view(n_seed, stride)
+        return grid[:, 0], torch.cat([grid[:, 1:].reshape(-1), positions[span:]])
 
     def select_indices(self, patches):
         """Kept and leftover patch indices (B, M), (B, N-M) in output order, and each leftover's merge target (B, N-M)
