@@ -13,6 +13,11 @@ here, each with its source; a setting no source reports has no reference (`paper
 What a preset cannot download: ToCom never released its compensator and ToE released no trained model, so those
 methods run only when the user made the file (the message gives the command); they join the default method list
 when their file is in DIR. TAVT is a fine-grained method (CUB, NABirds, ...) and has no ImageNet preset.
+
+How compare uses it: the method list decides which flags the parser gets, so without --methods it takes
+`default_methods(PRESETS[name], weights_dir)` before building the parser; after parsing, `apply_preset(args, parser)`
+fills the flags (`args.model_kwargs` holds the backbone's extra timm kwargs, MAE's average pooling); at the end
+`paper_reference(name, row)` gives the reported numbers of each result row.
 """
 import hashlib
 import json
