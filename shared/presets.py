@@ -100,6 +100,9 @@ _TOME_TRAINED = ('the paper trains DeiT-S with ToMe at this r; the off-the-shelf
                  'are expected to land lower')
 _TOME_SOURCE = ('ToMe paper (arXiv 2210.09461), DeiT-S rows as listed on its Papers-with-Code page; r=13 agrees with '
                 'the ToMe README (deit_S_r13: 79.36)')
+_TOME_TRAINED_T = _TOME_TRAINED.replace('DeiT-S', 'DeiT-T')
+_TOME_SOURCE_T = ('ToMe paper (arXiv 2210.09461), DeiT-T rows as listed on its Papers-with-Code page (the ToMe README\'s '
+                  'deit_T_r13, trained with ToMe: 71.27 at r=13)')
 
 
 def _diffrate_reference(target, acc1, gflops):
@@ -108,6 +111,25 @@ def _diffrate_reference(target, acc1, gflops):
 
 
 PRESETS = {p.name: p for p in (
+    Preset(
+        name='deit_tiny_imagenet',
+        description='DeiT-T on ImageNet-1k: ToMe off the shelf, DiffRate\'s searched schedules, A-ViT-T',
+        model='deit_tiny_patch16_224',
+        baseline=_deit_file('tiny', 'a1311bcf'),
+        methods=('tome', 'diffrate', 'avit'),
+        artefacts=(WeightFile('avit_checkpoint', 'tiny-10-30.pth', AVIT_WEIGHTS.format(name='tiny-10-30.pth'),
+                              method='avit'),),
+        optional=(_tocom_file('deit_tiny_patch16_224'),),
+        tome_r=(8, 12, 16),
+        diffrate_key='ViT-T-DeiT',
+        references=(
+            Reference('baseline', {}, 72.202, None, 'DeiT README_deit.md (evaluation log of the released weights)'),
+            Reference('tome', {'r': 8}, 71.7, 0.9, _TOME_SOURCE_T, _TOME_TRAINED_T),
+            Reference('tome', {'r': 12}, 71.4, 0.8, _TOME_SOURCE_T, _TOME_TRAINED_T),
+            Reference('tome', {'r': 16}, 70.7, 0.6, _TOME_SOURCE_T, _TOME_TRAINED_T),
+            Reference('avit', {'weights_file': 'tiny-10-30.pth'}, 71.4, 0.8,
+                      'A-ViT README (released A-ViT-T, tiny-10-30.pth)'),
+        )),
     Preset(
         name='deit_small_imagenet',
         description='DeiT-S on ImageNet-1k: ToMe off the shelf, DiffRate\'s searched schedules, A-ViT-S',

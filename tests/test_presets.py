@@ -68,7 +68,7 @@ def test_hash_prefix_of_names():
 
 
 def test_deit_names_match_their_urls():
-    for name in ('deit_small_imagenet', 'deit_base_imagenet'):
+    for name in ('deit_tiny_imagenet', 'deit_small_imagenet', 'deit_base_imagenet'):
         base = presets.PRESETS[name].baseline
         assert base.source == f'https://dl.fbaipublicfiles.com/deit/{base.name}'
         assert base.released and presets.hash_prefix(base.name)
@@ -220,6 +220,30 @@ def test_paper_reference_diffrate_avit_baseline():
     assert presets.paper_reference('deit_small_imagenet', row('baseline', 'full'))['acc1'] == 79.854
     assert presets.paper_reference('deit_base_imagenet', row('baseline', 'full'))['acc1'] == 81.846
     assert presets.paper_reference('mae_base_imagenet', row('baseline', 'full')) is None
+
+
+def test_paper_reference_deit_tiny():
+    for r, numbers in {8: (71.7, 0.9), 12: (71.4, 0.8), 16: (70.7, 0.6)}.items():
+        ref = presets.paper_reference('deit_tiny_imagenet', row('tome', f'r={r}', r=r))
+        assert (ref['acc1'], ref['gflops']) == numbers and 'DeiT-T' in ref['note']
+    assert presets.paper_reference('deit_tiny_imagenet', row('tome', 'r=13', r=13)) is None
+    avit = row('avit', 'released')
+    avit['weights'] = {'checkpoint': {'path': 'tiny-10-30.pth'}}
+    assert presets.paper_reference('deit_tiny_imagenet', avit)['acc1'] == 71.4
+    assert presets.paper_reference('deit_tiny_imagenet', row('baseline', 'full'))['acc1'] == 72.202
+
+
+def test_every_diffrate_reference_is_a_shipped_schedule_at_its_reported_flops():
+    from diffrate.measure import schedule_gflops
+    seen = 0
+    for preset in presets.PRESETS.values():
+        cli = next(name for name, key in schedules.MODEL_KEYS.items() if key == preset.diffrate_key)
+        for ref in preset.references:
+            if ref.method == 'diffrate':
+                prune, merge = schedules.lookup(cli, ref.match['target_flops'], schedules.SHIPPED_PATH)
+                assert round(schedule_gflops(cli, prune, merge), 3) == ref.gflops
+                seen += 1
+    assert seen == 3
 
 
 def test_generated_imagenet_is_readable(tmp_path):
