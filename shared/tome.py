@@ -5,15 +5,20 @@ that a method with its own block (DiffRate's differentiable merge, ToCom's compe
 merging and size-weighted attention without the patch:
 
 - `parse_r(num_layers, r)`: int, `(r, inflection)` or per-layer list -> per-layer list.
-- `bipartite_soft_matching(metric, r, class_token, distill_token)` -> `(merge, unmerge)` functions, built from
-  `match_bipartite` (a `Matching` of index tensors), `merge_matched` and `unmerge_matched`.
+- `bipartite_soft_matching(metric, r, class_token, distill_token, num_prefix)` -> `(merge, unmerge)` functions, built
+  from `match_bipartite` (a `Matching` of index tensors), `merge_matched` and `unmerge_matched`.
 - `merge_wavg(merge, x, size)`: size-weighted average merge; `merge_source(merge, x, source)`: source tracking.
 - `size_attention(q, k, v, size, ...)`: attention with ToMe's proportional bias (log of token sizes on the keys).
 - `apply_patch(model, trace_source=False, prop_attn=True)`, then `model.r = 16`: ToMe's patch API.
 
 Conventions are the official ToMe's (results match it bit for bit): set A holds the even token indices, set B the odd
-ones; the merged sequence is [unmerged A tokens, all B tokens]; the class token (index 0) and the distillation token
-(index 1) are never merged and stay at indices 0 and 1.
+ones; the merged sequence is [unmerged A tokens, all B tokens]. The prefix tokens (class, distillation, registers: the
+first `num_prefix` of the sequence) are never merged and stay at indices 0..num_prefix-1 in their order; with one prefix
+token (DeiT's class token) or two (class + distillation) this is ToMe's own layout.
+
+The patch runs on every backbone `shared.backbones` supports: class token or none, registers, layer scale (the block
+applies `ls1` / `ls2` as timm's does), pre-norm, average or attention pooling (weighted by token size once tokens are
+merged, `shared.backbones.pool_features`), any width, depth and image size; other backbones are refused with the reason.
 """
 import math
 from functools import partial
@@ -23,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
+
+from shared.backbones import pool_features, require_supported
 
 __all__ = [
     'parse_r', 'do_nothing', 'split_alternate', 'Matching', 'match_bipartite', 'merge_matched', 'unmerge_matched',
@@ -66,48 +73,74 @@ def _rows(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class Matching(NamedTuple):
     """One bipartite matching; the index tensors are `[B, n, 1]`, into set A (`kept`, `merged`) or set B (`into`)."""
-    kept: torch.Tensor     # A tokens that stay, in token order when there is a class token
+    kept: torch.Tensor     # A tokens that stay, in token order when there are prefix tokens
     merged: torch.Tensor   # A tokens that leave, most similar first
     into: torch.Tensor     # for each leaving A token, the B token that absorbs it
     num_tokens: int        # sequence length before the merge
-    distill_token: bool
+    num_prefix: int        # protected tokens at the start of the sequence
 
 
-def match_bipartite(metric: torch.Tensor, r: int, class_token: bool = False, distill_token: bool = False) -> Matching:
+def _prefix_split(num_prefix: int) -> Tuple[int, int]:
+    """How many of the first `num_prefix` tokens fall in set A (even indices) and in set B (odd indices)."""
+    return (num_prefix + 1) // 2, num_prefix // 2
+
+
+def _num_prefix(class_token: bool, distill_token: bool, num_prefix: Optional[int]) -> int:
+    return int(class_token) + int(distill_token) if num_prefix is None else num_prefix
+
+
+def match_bipartite(metric: torch.Tensor, r: int, class_token: bool = False, distill_token: bool = False,
+                    num_prefix: Optional[int] = None) -> Matching:
     """Pair each A token with its most similar B token (cosine of `metric`) and let the r best-paired A tokens go.
 
-    Protected tokens score -inf so they are never chosen: the class token is A's first row, the distillation token
-    (index 1) B's first column. r must already be capped (see `bipartite_soft_matching`).
+    The first `num_prefix` tokens (default: the class and distillation tokens) are protected: their A rows score -inf,
+    so they never leave, and their B columns score -inf, so nothing merges into them. r must already be capped
+    (see `bipartite_soft_matching`).
     """
+    num_prefix = _num_prefix(class_token, distill_token, num_prefix)
+    rows, columns = _prefix_split(num_prefix)
     with torch.no_grad():
         unit = metric / metric.norm(dim=-1, keepdim=True)
         set_a, set_b = split_alternate(unit)
         similarity = set_a @ set_b.transpose(-1, -2)
-        similarity[..., :int(class_token), :] = -math.inf
-        similarity[..., :, :int(distill_token)] = -math.inf
+        similarity[..., :rows, :] = -math.inf
+        similarity[..., :, :columns] = -math.inf
         best, partner = similarity.max(dim=-1)
         ranking = best.argsort(dim=-1, descending=True).unsqueeze(-1)
         merged, kept = ranking[..., :r, :], ranking[..., r:, :]
-        if class_token:  # ranked order would move the class token away from index 0
+        if num_prefix:  # ranked order would move the protected tokens away from the front
             kept = kept.sort(dim=1).values
         into = partner.unsqueeze(-1).gather(-2, merged)
-    return Matching(kept, merged, into, metric.shape[1], distill_token)
+    return Matching(kept, merged, into, metric.shape[1], num_prefix)
 
 
 def merge_matched(match: Matching, x: torch.Tensor, mode: str = 'mean') -> torch.Tensor:
-    """Fold the leaving A tokens of x into their B partners with `scatter_reduce(mode)` (the B token itself included);
-    output [kept A, B], or [class, distill, other kept A, other B] with a distillation token."""
+    """Fold the leaving A tokens of x into their B partners with `scatter_reduce(mode)` (the B token itself included).
+
+    Output [kept A, B], except that the prefix tokens come first in their original order: [class, distill, other kept
+    A, other B] with a distillation token, [class, reg1, reg2, reg3, reg4, other kept A, other B] with four registers.
+    """
     set_a, set_b = split_alternate(x)
     kept = set_a.gather(-2, _rows(match.kept, x))
     set_b = set_b.scatter_reduce(-2, _rows(match.into, x), set_a.gather(-2, _rows(match.merged, x)), reduce=mode)
-    pieces = (kept[:, :1], set_b[:, :1], kept[:, 1:], set_b[:, 1:]) if match.distill_token else (kept, set_b)
-    return torch.cat(pieces, dim=1)
+    rows, columns = _prefix_split(match.num_prefix)
+    if not columns:  # at most one prefix token: it is already first among the (sorted) kept A tokens
+        return torch.cat((kept, set_b), dim=1)
+    # prefix token i sits in A (row i // 2) when i is even, in B (column i // 2) when odd
+    prefix = [(kept if i % 2 == 0 else set_b)[:, i // 2:i // 2 + 1] for i in range(match.num_prefix)]
+    return torch.cat(prefix + [kept[:, rows:], set_b[:, columns:]], dim=1)
 
 
 def unmerge_matched(match: Matching, x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `merge_matched` (without distill token): every token goes back to the positions it came from."""
+    """Inverse of `merge_matched`: every token goes back to the positions it came from."""
     num_kept = match.kept.shape[1]
-    kept, set_b = x[..., :num_kept, :], x[..., num_kept:, :]
+    rows, columns = _prefix_split(match.num_prefix)
+    if columns:  # undo the interleaved prefix: its even entries are A tokens, its odd ones B tokens
+        prefix, rest = x[..., :match.num_prefix, :], x[..., match.num_prefix:, :]
+        kept = torch.cat((prefix[..., 0::2, :], rest[..., :num_kept - rows, :]), dim=-2)
+        set_b = torch.cat((prefix[..., 1::2, :], rest[..., num_kept - rows:, :]), dim=-2)
+    else:
+        kept, set_b = x[..., :num_kept, :], x[..., num_kept:, :]
     restored = x.new_zeros(x.shape[0], match.num_tokens, x.shape[-1])
     restored[..., 1::2, :] = set_b
     restored.scatter_(-2, _rows(2 * match.kept, x), kept)
@@ -115,15 +148,16 @@ def unmerge_matched(match: Matching, x: torch.Tensor) -> torch.Tensor:
     return restored
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = False,
-                            distill_token: bool = False) -> Tuple[Callable, Callable]:
-    """ToMe's balanced bipartite matching on `metric` `[B, T, C]`, removing r tokens.
-    Returns `(merge(x, mode='mean'), unmerge(x))`."""
+def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = False, distill_token: bool = False,
+                            num_prefix: Optional[int] = None) -> Tuple[Callable, Callable]:
+    """ToMe's balanced bipartite matching on `metric` `[B, T, C]`, removing r tokens and protecting the first
+    `num_prefix` (default: class + distillation token). Returns `(merge(x, mode='mean'), unmerge(x))`."""
+    num_prefix = _num_prefix(class_token, distill_token, num_prefix)
     # set A holds half of the unprotected tokens, so at most that many can leave
-    r = min(r, (metric.shape[1] - int(class_token) - int(distill_token)) // 2)
+    r = min(r, (metric.shape[1] - num_prefix) // 2)
     if r <= 0:
         return do_nothing, do_nothing
-    match = match_bipartite(metric, r, class_token, distill_token)
+    match = match_bipartite(metric, r, num_prefix=num_prefix)
     return partial(merge_matched, match), partial(unmerge_matched, match)
 
 
@@ -203,7 +237,7 @@ class ToMeBlock(Block):
         if r <= 0:
             return x
         info = self._tome_info
-        merge, _ = bipartite_soft_matching(metric, r, info['class_token'], info['distill_token'])
+        merge, _ = bipartite_soft_matching(metric, r, num_prefix=info['num_prefix_tokens'])
         if info['trace_source']:
             info['source'] = merge_source(merge, x, info['source'])
         x, info['size'] = merge_wavg(merge, x, info['size'])
@@ -239,6 +273,15 @@ def make_tome_class(transformer_class):
             self._tome_info['source'] = None
             return super().forward_features(*args, **kwargs)
 
+        def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+            # average and attention pooling weigh each merged token by the patches it holds; class-token pooling
+            # (and a forward that merged nothing) is the model's own head
+            size = self._tome_info['size']
+            if size is None or self.global_pool == 'token' or size.shape[1] != x.shape[1]:
+                return super().forward_head(x, pre_logits)
+            x = self.head_drop(pool_features(self, x, size))
+            return x if pre_logits else self.head(x)
+
     ToMeVisionTransformer.__name__ = 'ToMe' + transformer_class.__name__
     ToMeVisionTransformer.__qualname__ = ToMeVisionTransformer.__name__
     _TOME_CLASSES[transformer_class] = ToMeVisionTransformer
@@ -255,24 +298,21 @@ def tome_info(model: VisionTransformer, trace_source: bool = False, prop_attn: b
         'prop_attn': prop_attn,
         'class_token': getattr(model, 'cls_token', None) is not None,
         'distill_token': getattr(model, 'dist_token', None) is not None,
+        'num_prefix_tokens': model.num_prefix_tokens,  # class, distillation and register tokens: never merged
     }
 
 
 def apply_patch(model: VisionTransformer, trace_source: bool = False, prop_attn: bool = True,
-                block_class=ToMeBlock, attention_class=ToMeAttention) -> VisionTransformer:
+                block_class=ToMeBlock, attention_class=ToMeAttention, method: str = 'ToMe') -> VisionTransformer:
     """Apply ToMe to a timm VisionTransformer in place (and return it). Afterwards set `model.r`.
 
     trace_source: keep `model._tome_info['source']`, the patch-to-token map (for visualisation).
     prop_attn: proportional attention; ToMe turns it on for models evaluated off the shelf.
     block_class / attention_class: the replacement classes (a method with its own block subclasses ToMeBlock).
+    method: the name a refusal starts with. A backbone the merge cannot honour (window attention, rotary embeddings,
+    not a timm VisionTransformer, max pooling, gradient checkpointing) raises `shared.backbones.UnsupportedBackbone`.
     """
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f'ToMe patches timm VisionTransformer models, got {type(model).__name__}')
-    if getattr(model, 'reg_token', None) is not None:
-        raise ValueError('ToMe protects only the class and distillation tokens; register tokens are not supported')
-    if getattr(model, 'grad_checkpointing', False):
-        # checkpoint_seq re-runs blocks in backward, which would pop the per-layer r list twice
-        raise ValueError('ToMe does not support gradient checkpointing; call model.set_grad_checkpointing(False)')
+    require_supported(model, method, merges=True)
     model.__class__ = make_tome_class(model.__class__)
     model.r = 0
     model._tome_info = tome_info(model, trace_source, prop_attn)

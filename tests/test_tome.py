@@ -5,6 +5,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from shared.backbones import UnsupportedBackbone
 from shared.benchmark import peak_forward_memory_mb
 from shared.tome import (apply_patch, bipartite_soft_matching, merge_source, merge_wavg, parse_r, size_attention)
 
@@ -84,50 +85,65 @@ def test_weighted_average_and_source_over_several_merges():
     assert torch.all(source[:, 0, 0] == 1) and torch.all(size[:, 0] == 1)  # class token untouched at index 0
 
 
-def loop_reference_merge(metric, x, size, r, class_token):
+def loop_reference_merge(metric, x, size, r, num_prefix):
     """ToMe's merge written per image with Python lists: even tokens (A) pick their most cosine-similar odd token (B),
     the r A tokens with the highest such similarity join it; the output is [kept A, B], each token the size-weighted
-    mean of its group, with the group's summed size and the set of input tokens it holds. Kept A tokens are in token
-    order with a class token (which stays first), else in decreasing order of their best similarity."""
+    mean of its group, with the group's summed size and the set of input tokens it holds. The first `num_prefix`
+    tokens neither leave nor absorb anything and come first, in token order; the other kept A tokens follow in token
+    order when there is a prefix, else in decreasing order of their best similarity."""
     out_x, out_size, out_groups = [], [], []
     for m, feats, sizes in zip(metric, x, size):
         unit = m / m.norm(dim=-1, keepdim=True)
         a_tokens, b_tokens = list(range(0, len(m), 2)), list(range(1, len(m), 2))
         similarity = unit[a_tokens] @ unit[b_tokens].T
-        best = [float('-inf') if (class_token and i == 0) else similarity[i].max().item() for i in range(len(a_tokens))]
+        similarity[:, [j for j, token in enumerate(b_tokens) if token < num_prefix]] = float('-inf')
+        best = [float('-inf') if a_tokens[i] < num_prefix else similarity[i].max().item()
+                for i in range(len(a_tokens))]
         partner = [b_tokens[int(similarity[i].argmax())] for i in range(len(a_tokens))]
         ranked = sorted(range(len(a_tokens)), key=lambda i: -best[i])
-        leaving, staying = ranked[:r], (sorted(ranked[r:]) if class_token else ranked[r:])
+        leaving, staying = ranked[:r], (sorted(ranked[r:]) if num_prefix else ranked[r:])
         groups = [[a_tokens[i]] for i in staying] + [[j] + [a_tokens[i] for i in leaving if partner[i] == j]
                                                      for j in b_tokens]
+        groups = sorted((g for g in groups if g[0] < num_prefix)) + [g for g in groups if g[0] >= num_prefix]
         out_groups.append(groups)
         out_size.append(torch.stack([sizes[g].sum(0) for g in groups]))
         out_x.append(torch.stack([(feats[g] * sizes[g]).sum(0) / sizes[g].sum(0) for g in groups]))
     return torch.stack(out_x), torch.stack(out_size), out_groups
 
 
-@pytest.mark.parametrize('class_token', [True, False])
-@pytest.mark.parametrize('tokens,r', [(17, 5), (24, 11), (9, 1)])
-def test_merge_equals_per_image_loop(tokens, r, class_token):
+@pytest.mark.parametrize('num_prefix', [0, 1, 2, 5])
+@pytest.mark.parametrize('tokens,r', [(17, 5), (24, 11), (9, 1), (14, 6)])
+def test_merge_equals_per_image_loop(tokens, r, num_prefix):
     torch.manual_seed(tokens + r)
     metric, x = torch.randn(3, tokens, 6), torch.randn(3, tokens, 4)
     size = torch.randint(1, 4, (3, tokens, 1)).float()
-    expected_x, expected_size, groups = loop_reference_merge(metric, x, size, r, class_token)
-    merge, _ = bipartite_soft_matching(metric, r, class_token=class_token)
+    size[:, :num_prefix] = 1  # prefix tokens are never merged, so they stand for themselves only
+    r = min(r, (tokens - num_prefix) // 2)  # the cap bipartite_soft_matching applies
+    expected_x, expected_size, groups = loop_reference_merge(metric, x, size, r, num_prefix)
+    if num_prefix <= 2:  # the class / distillation token keywords say the same as num_prefix
+        merge, _ = bipartite_soft_matching(metric, r, class_token=num_prefix > 0, distill_token=num_prefix > 1)
+    else:
+        merge, _ = bipartite_soft_matching(metric, r, num_prefix=num_prefix)
     merged_x, merged_size = merge_wavg(merge, x, size)
     assert torch.equal(merged_size, expected_size)
     assert torch.allclose(merged_x, expected_x, atol=1e-6)  # same terms, summed in another order
+    assert torch.equal(merged_x[:, :num_prefix], x[:, :num_prefix])  # prefix tokens untouched, in place
     source = merge_source(merge, x)
     for b, image_groups in enumerate(groups):
         assert [sorted(row.nonzero().flatten().tolist()) for row in source[b]] == [sorted(g) for g in image_groups]
 
 
-def test_unmerge_restores_shape():
+@pytest.mark.parametrize('num_prefix', [0, 1, 2, 5])
+def test_unmerge_sends_tokens_back(num_prefix):
     torch.manual_seed(2)
-    x = torch.randn(1, 9, 4)
-    merge, unmerge = bipartite_soft_matching(x, 3, class_token=True)
-    y = unmerge(merge(x))
-    assert y.shape == x.shape and torch.equal(y[:, 0], x[:, 0])
+    x = torch.randn(2, 15, 4)
+    merge, unmerge = bipartite_soft_matching(x, 4, num_prefix=num_prefix)
+    source = merge_source(merge, x)
+    merged = merge(x)
+    restored = unmerge(merged)
+    # each input position gets the merged token that holds it
+    assert torch.equal(restored, source.transpose(1, 2) @ merged)
+    assert torch.equal(restored[:, :num_prefix], x[:, :num_prefix])
 
 
 # ---------------------------------------------------------------- proportional attention
@@ -235,6 +251,11 @@ def test_patched_block_peak_memory_not_above_timm_at_r0():
         assert torch.equal(patched.blocks[0](x), plain.blocks[0](x))
 
 
-def test_patch_rejects_non_vit():
-    with pytest.raises(TypeError, match='VisionTransformer'):
+def test_patch_rejects_unsupported_backbones():
+    # ToMe#40: a model without `.blocks` is refused by name, not patched into silence
+    with pytest.raises(UnsupportedBackbone, match=r'ToMe cannot be applied to Linear: .*no `\.blocks`'):
         apply_patch(torch.nn.Linear(2, 2))
+    model = tiny_vit()
+    model.set_grad_checkpointing(True)
+    with pytest.raises(UnsupportedBackbone, match='gradient checkpointing'):
+        apply_patch(model)
