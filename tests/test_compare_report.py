@@ -126,6 +126,6 @@ def test_progress_names_each_method_start_end_and_the_files(tmp_path, compare_ct
     end = next(i for i, line in enumerate(lines) if re.fullmatch(r'\| fake: done, 1 point\(s\) in \d+\.\d s', line))
     assert start < end
     listed = lines[lines.index('| results written to:') + 1:]
-    assert [line.strip('| ').strip() for line in listed] == [str(out / n) for n in
-                                                              ('results.txt', 'results.csv', 'results.json')]
-    assert all((out / n).is_file() for n in ('results.txt', 'results.csv', 'results.json'))
+    names = ('results.txt', 'results.csv', 'training.csv', 'results.json')
+    assert [line.strip('| ').strip() for line in listed] == [str(out / n) for n in names]
+    assert all((out / n).is_file() for n in names)
