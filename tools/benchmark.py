@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared.args import CheckedArgumentParser  # noqa: E402
 from shared.errors import run_cli  # noqa: E402
+from shared.methods import NAMES  # noqa: E402
 from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
 
 
@@ -37,7 +38,10 @@ def get_parser(argv=None):
         parser.add_argument('--compile', action='store_true', help='also torch.compile both models of each pair')
         parser.add_argument('--out', default='benchmarks', help='folder of bench.md and bench.csv')
         parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-        parser.add_argument('--methods', nargs='+', default=None, help='a subset of the grid\'s methods')
+        parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend of the compiled '
+                            'rows (eager: trace only, for a quick check of the graphs)')
+        parser.add_argument('--methods', nargs='+', default=None, choices=NAMES,
+                            help='a subset of the grid\'s methods (default: all, in registry order)')
         parser.add_argument('--batch-sizes', nargs='+', type=int, default=None, help='default 1 64 256 (GPU), 1 (CPU)')
         parser.add_argument('--dtypes', nargs='+', default=None, choices=['float32', 'float16', 'bfloat16'])
         parser.add_argument('--rounds', type=int, default=None)
@@ -50,9 +54,9 @@ def get_parser(argv=None):
 def main(argv=None):
     args = get_parser(argv).parse_args(argv)  # without --method: --help, or the usage error naming it
     if getattr(args, 'all', False):
-        from tools.bench_grid import METHODS, run_grid
-        return run_grid(args.device, args.out, args.methods or tuple(METHODS), args.compile, args.batch_sizes,
-                        args.dtypes, args.rounds, args.runs)
+        from tools.bench_grid import run_grid
+        return run_grid(args.device, args.out, args.methods or NAMES, args.compile, args.batch_sizes, args.dtypes,
+                        args.rounds, args.runs, backend=args.compile_backend)
     return measure_module(args.method).benchmark(args)
 
 
