@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ['AdaptiveVisionTransformer', 'avit_tiny_patch16_224', 'avit_small_patch16_224', 'avit_models',
+__all__ = ['AdaptiveComputation', 'AdaptiveVisionTransformer', 'adaptive_from_timm', 'avit_tiny_patch16_224', 'avit_small_patch16_224', 'avit_models',
            'distribution_target', 'distribution_prior_loss']
 
 # The official code adds this to the attention logits of halted keys (instead of -inf).
@@ -38,6 +38,7 @@ def masked_attention(attn, x, halted):
     The logits are computed as (q @ k^T) * scale, the official order of operations (timm scales q first), so that
     the masked loop is bit-identical to the original on CPU fp32."""
     B, N, C = x.shape
+    attn_input = x
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -46,6 +47,8 @@ def masked_attention(attn, x, halted):
     weights = attn.attn_drop(logits.softmax(dim=-1))
     x = (weights @ v).transpose(1, 2).reshape(B, N, attn.attn_dim)
     x = attn.norm(x)
+    if getattr(attn, 'gate', None) is not None:
+        x = x * attn.gate(attn_input).sigmoid()
     return attn.proj_drop(attn.proj(x))
 
 
@@ -61,8 +64,9 @@ def masked_block(block, x, halted):
 def _is_plain_block(block):
     """A timm `Block` without layer scale, q/k norm or extra norms, with LayerNorms and GELU (every A-ViT model)."""
     attn, mlp = block.attn, block.mlp
-    return (all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm, mlp.norm, block.ls1,
-                                                     block.ls2))
+    return (getattr(attn, 'gate', None) is None
+            and all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm, mlp.norm, block.ls1,
+                                                         block.ls2))
             and isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)
             and type(mlp.act) is nn.GELU)
 
@@ -76,10 +80,13 @@ def packed_block(block, x, key_padding_bias):
     if key_padding_bias is not None:
         key_padding_bias = key_padding_bias.to(x.dtype)
     if not _is_plain_block(block):
-        qkv = attn.qkv(block.norm1(x)).reshape(B, K, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        z = block.norm1(x)
+        q, k, v = attn.qkv(z).reshape(B, K, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, attn_mask=key_padding_bias)
-        x = x + block.ls1(attn.proj(attn.norm(y.transpose(1, 2).reshape(B, K, attn.attn_dim))))
+        y = attn.norm(y.transpose(1, 2).reshape(B, K, attn.attn_dim))
+        if getattr(attn, 'gate', None) is not None:
+            y = y * attn.gate(z).sigmoid()
+        x = x + block.ls1(attn.proj(y))
         return x + block.ls2(block.mlp(block.norm2(x)))
     n1, n2 = block.norm1, block.norm2
     y = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
@@ -114,8 +121,8 @@ def distribution_prior_loss(halting_score_layer, target, normalize_target=False)
     return F.kl_div(h.log(), t, reduction='batchmean')
 
 
-class AdaptiveVisionTransformer(VisionTransformer):
-    """timm ViT with A-ViT's token-level adaptive computation time.
+class AdaptiveComputation:
+    """A-ViT's token-level adaptive computation time, as a mixin of a timm VisionTransformer (or a subclass of one).
 
     gate_scale / gate_center: gamma and beta of the halting score (read at every forward, so the entry script may
     change them after construction, as the official file-name override does).
@@ -123,13 +130,17 @@ class AdaptiveVisionTransformer(VisionTransformer):
     batch and averages every token (issue NVlabs/A-ViT#4). False averages the patch tokens of every image instead.
     zip_tokens: in eval mode, use the zipped path that really removes halted tokens (default); False evaluates with
     the masked loop, which also records the per-layer halting statistics of the distributional prior.
+    zip_pack_blocks: None packs the zipped path's sequence after every block (one host read of the token counts per
+    block); a collection of block indices packs only after those blocks (one host read each), the halted tokens
+    riding along as masked padding in between. See `forward_features_zipped`.
+    register_slots: (first, end) sequence slots of register tokens, or None. Registers never halt: no head reads
+    them, and the backbone was trained with them present in every block. The class (and distillation) token halts
+    like any patch token, as in A-ViT, and its halting-weighted state is what the head reads.
     """
+    zip_pack_blocks = None
+    register_slots = None
 
-    def __init__(self, gate_scale=10., gate_center=30., eps=0.01, prior_batch_axis_quirk=True, zip_tokens=True,
-                 **kwargs):
-        super().__init__(**kwargs)
-        assert self.cls_token is not None and self.reg_token is None and not self.no_embed_class, \
-            'A-ViT needs a single class token and a position embedding that covers it'
+    def _init_adaptive(self, gate_scale, gate_center, eps, prior_batch_axis_quirk, zip_tokens):
         self.gate_scale = gate_scale
         self.gate_center = gate_center
         self.eps = eps
@@ -145,6 +156,12 @@ class AdaptiveVisionTransformer(VisionTransformer):
 
     def embed(self, x):
         return self.norm_pre(self._pos_embed(self.patch_embed(x)))
+
+    def _reads_class_token_only(self):
+        """The head classifies the class token's state alone (DeiT, CLIP, DINOv2): the zipped path then accumulates
+        only that token's output."""
+        return (self.global_pool == 'token' and self.attn_pool is None
+                and getattr(self, 'dist_token', None) is None)
 
     def forward_features_act_token(self, x):
         """The official masked loop; returns the final-normed halting-weighted token states (B,N,C)."""
@@ -166,10 +183,13 @@ class AdaptiveVisionTransformer(VisionTransformer):
             out = out + (out * active.unsqueeze(-1) - out).detach()
             block_output = masked_block(block, out, 1. - active)
             h = self.halting_score(block_output)
+            if self.register_slots is not None:
+                first, end = self.register_slots
+                h = torch.cat([h[:, :first], torch.zeros_like(h[:, first:end]), h[:, end:]], dim=1)
             if self.prior_batch_axis_quirk:
                 self.halting_score_layer.append(torch.mean(h[1:]))
             else:
-                self.halting_score_layer.append(torch.mean(h[:, 1:]))
+                self.halting_score_layer.append(torch.mean(h[:, self.num_prefix_tokens:]))
             out = block_output.clone()
             block_output = block_output * active.unsqueeze(-1)
             if i == depth - 1:
@@ -189,6 +209,11 @@ class AdaptiveVisionTransformer(VisionTransformer):
         self.counter_token = counter
         return self.norm(output)
 
+    @staticmethod
+    def _host_read(t):
+        """The zipped loop's one wait for the device: a small integer tensor's values as Python ints."""
+        return t.tolist()
+
     @torch.no_grad()
     def forward_features_zipped(self, x, class_token_only=False):
         """Inference with halted tokens removed; same halting rule and results as the masked loop.
@@ -201,6 +226,14 @@ class AdaptiveVisionTransformer(VisionTransformer):
         every block it does not halt in) is the number of blocks it went through; its ponder cost is that depth plus
         the remainder it had when it halted.
 
+        Host synchronisation: the next block's sequence length is a count of tokens that go on, which a GPU must
+        hand to the host. With `zip_pack_blocks` None that is one read per block boundary (`_host_read` of the
+        fewest and most counts at batch > 1, `nonzero` at batch 1), at most depth - 1 per forward, and fewer when
+        every token halts early. With a collection of blocks, only those read (at most len(zip_pack_blocks) per
+        forward); after the other blocks the tokens are re-packed at the same length, halted ones as masked padding.
+        Only the per-block packing reproduces the masked loop's float sums bit for bit: the kernels' summation
+        order depends on the sequence length, so a longer padded sequence moves results by float rounding.
+
         class_token_only: return only the class token's state (B, 1, C), all the head reads; the depth counters and
         ponder costs are still those of every token.
         """
@@ -208,6 +241,7 @@ class AdaptiveVisionTransformer(VisionTransformer):
         B, N, C = x.shape
         threshold = 1 - self.eps
         depth = len(self.blocks)
+        pack_every_block = self.zip_pack_blocks is None
         states = x
         pos = torch.arange(B * N, device=x.device).view(B, N)
         c = x.new_zeros(B, N)
@@ -215,7 +249,14 @@ class AdaptiveVisionTransformer(VisionTransformer):
         outputs, positions, scores, before = [], [], [], []
         for i, block in enumerate(self.blocks):
             y = packed_block(block, states, bias)
-            h = torch.ones_like(c) if i == depth - 1 else self.halting_score(y)
+            if i == depth - 1:
+                h = torch.ones_like(c)
+            else:
+                h = self.halting_score(y)
+                if self.register_slots is not None:
+                    first, end = self.register_slots
+                    slot = pos % N
+                    h = h.masked_fill((slot >= first) & (slot < end), 0.)
             outputs.append(y)
             positions.append(pos)
             scores.append(h)
@@ -227,7 +268,10 @@ class AdaptiveVisionTransformer(VisionTransformer):
             if torch.compiler.is_compiling():
                 states, pos, c, bias = self._pack_without_host_sync(y, pos, c, going_on)
                 continue
-            if B == 1:  # no padding: keep the tokens that go on, in order
+            if not pack_every_block and i not in self.zip_pack_blocks:
+                states, pos, c, bias = self._gather_packed(y, pos, c, going_on, c.shape[1], True)
+                continue
+            if B == 1 and pack_every_block:  # no padding: keep the tokens that go on, in order
                 keep = going_on.view(-1).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
@@ -235,26 +279,16 @@ class AdaptiveVisionTransformer(VisionTransformer):
                     states, pos, c = y.index_select(1, keep), pos.index_select(1, keep), c.index_select(1, keep)
                 else:
                     states = y
+                bias = None
                 continue
-            counts = going_on.sum(1)
-            count = int(counts.max())
+            fewest, count = self._host_read(torch.stack(torch.aminmax(going_on.sum(1))))
             if count == 0:
                 break
-            if int(counts.min()) == states.shape[1]:  # nothing halted in this block
+            if fewest == states.shape[1]:  # nothing halted in this block
                 states = y
                 continue
-            # Pack each image's tokens that go on to the left (a stable sort keeps their order) and pad to the largest
-            # count. A padding slot repeats a real position with c = 1: it halts with remainder 1 - c = 0 exactly, so
-            # every contribution it makes below is zero; as a key it is masked out.
-            order = torch.sort((~going_on).to(torch.int8), dim=1, stable=True).indices[:, :count]
-            valid = going_on.gather(1, order)
-            pos = pos.gather(1, order)
-            states = y.gather(1, order.unsqueeze(-1).expand(-1, -1, C))
-            c = torch.where(valid, c.gather(1, order), 1.)
-            bias = None
-            if not bool(valid.all()):
-                bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device)
-                bias = bias.masked_fill(~valid, PADDING_BIAS)[:, None, None, :]
+            # Every image has `count` tokens that go on exactly when the fewest equals the most: no padding then.
+            states, pos, c, bias = self._gather_packed(y, pos, c, going_on, count, fewest < count)
         # The masked loop's per-block updates, for every (block, token) pair at once.
         sizes = [p.numel() for p in positions]
         flat_positions = torch.cat([p.reshape(-1) for p in positions])
@@ -284,6 +318,21 @@ class AdaptiveVisionTransformer(VisionTransformer):
         return self.norm(output)
 
     @staticmethod
+    def _gather_packed(y, pos, c, going_on, length, padded):
+        """Each image's tokens that go on packed to the left (a stable sort keeps their order), cut to `length`.
+        A padding slot repeats a real position with c = 1: it halts with remainder 1 - c = 0 exactly, so every
+        contribution it makes to the bookkeeping is zero; as a key it gets PADDING_BIAS (when `padded`)."""
+        order = torch.sort((~going_on).to(torch.int8), dim=1, stable=True).indices[:, :length]
+        valid = going_on.gather(1, order)
+        states = y.gather(1, order.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        c = torch.where(valid, c.gather(1, order), 1.)
+        bias = None
+        if padded:
+            bias = torch.zeros(valid.shape, dtype=y.dtype, device=y.device)
+            bias = bias.masked_fill(~valid, PADDING_BIAS)[:, None, None, :]
+        return states, pos.gather(1, order), c, bias
+
+    @staticmethod
     def _pack_without_host_sync(y, pos, c, going_on):
         """The loop's packing step for torch.compile: no branch on the data, so the graph does not break. The packed
         length stays a tensor until it sizes the slice (an unbacked size: compile with
@@ -307,14 +356,45 @@ class AdaptiveVisionTransformer(VisionTransformer):
         return self.forward_features_act_token(x)
 
     def forward_head(self, x, pre_logits=False):
-        # Only the class token's halting-weighted state is classified (no head dropout in the original).
-        x = self.fc_norm(x[:, 0])
-        return x if pre_logits else self.head(x)
+        if self._reads_class_token_only():
+            # Only the class token's halting-weighted state is classified (no head dropout in the original).
+            x = self.fc_norm(x[:, 0])
+            return x if pre_logits else self.head(x)
+        # Other heads (average or attention pooling, a distillation head) read every token's halting-weighted state
+        # through the backbone's own pooling: a halted token contributes the state it halted with.
+        return super().forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x):
         if self.zip_tokens and not self.training:
-            return self.forward_head(self.forward_features_zipped(x, class_token_only=True))
+            return self.forward_head(self.forward_features_zipped(x, class_token_only=self._reads_class_token_only()))
         return self.forward_head(self.forward_features(x))
+
+
+class AdaptiveVisionTransformer(AdaptiveComputation, VisionTransformer):
+    """timm ViT in A-ViT's DeiT layout (one class token classified, no registers); see `AdaptiveComputation`."""
+
+    def __init__(self, gate_scale=10., gate_center=30., eps=0.01, prior_batch_axis_quirk=True, zip_tokens=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        assert self.cls_token is not None and self.reg_token is None and not self.no_embed_class, \
+            'A-ViT needs a single class token and a position embedding that covers it'
+        self._init_adaptive(gate_scale, gate_center, eps, prior_batch_axis_quirk, zip_tokens)
+
+
+def adaptive_from_timm(model, gate_scale=10., gate_center=30., eps=0.01, prior_batch_axis_quirk=True,
+                       zip_tokens=True):
+    """Turn a timm VisionTransformer of a supported family (shared.backbones) into an A-ViT model in place; its
+    weights and parameter names stay. Prefix tokens: the class (and distillation) token halts as in A-ViT, registers
+    never halt. Models without a class token classify their own pooling (average or attention pooling) of the
+    tokens' halting-weighted states. Refused, with the reason: rotary or window attention, no pooling."""
+    from shared.backbones import require_supported
+    backbone = require_supported(model, 'A-ViT', merges=False)
+    if not isinstance(model, AdaptiveComputation):
+        model.__class__ = type('ACT' + type(model).__name__, (AdaptiveComputation, type(model)), {})
+    model._init_adaptive(gate_scale, gate_center, eps, prior_batch_axis_quirk, zip_tokens)
+    if backbone.num_registers:
+        model.register_slots = (backbone.num_prefix_tokens - backbone.num_registers, backbone.num_prefix_tokens)
+    return model
 
 
 avit_models = {}
