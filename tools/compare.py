@@ -710,6 +710,8 @@ def draw_plot(rows, x_key, x_label, low_better, prov, dpi=120):
         ax.annotate(text, xy=(row[x_key], row['acc1']), xytext=(box.x0 - point[0], box.y0 - point[1]),
                     textcoords='offset pixels', ha='left', va='bottom', fontsize=LABEL_FONT, color='black',
                     zorder=5, annotation_clip=False,
+                    # readable where it crosses an error bar or the front
+                    bbox=dict(boxstyle='square,pad=0.1', facecolor='white', edgecolor='none', alpha=0.75),
                     arrowprops=dict(arrowstyle='-', color=color, lw=0.6, shrinkA=0, shrinkB=marker_px * 0.6)
                     if leader else None)
     return fig
