@@ -78,7 +78,7 @@ def test_speed_columns_compare_each_mode_with_its_baseline():
 def test_compiled_rows(tmp_path):
     """--compile (eager backend: dynamo's graphs run as traced) adds a compiled row after each eager row, with the
     same FLOPs and no CPU peak memory (the CPU tracker cannot see inside compiled code)."""
-    main(['--all', '--device', 'cpu', '--compile', '--compile-backend', 'eager', '--methods', 'toe', 'tavt',
+    main(['--all', '--device', 'cpu', '--compile', '--compile-backend', 'eager', '--methods', 'tavt', 'toe',
           '--out', str(tmp_path)])
     md, rows = read_grid(tmp_path)
     assert [(r['method'], r['mode']) for r in rows] == [('tavt', 'eager'), ('tavt', 'compiled'), ('toe', 'eager'),
