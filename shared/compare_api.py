@@ -13,7 +13,22 @@ so a second run reuses it, and returns one `Variant` per setting of the sweep. t
 variant on the same data (accuracy, GFLOPs, throughput, latency, memory, params) and writes the report.
 
 When the user points a method at artefacts that do not exist (`ctx.artefacts`), raise `MissingArtefact` naming the
-file and the command that makes it.
+file and the command that makes it. A method that does not support the backbone refuses it itself (a UserError).
+
+The method's `kind` in shared/methods.py says how compare reports it:
+
+- 'inference': every Variant is a point (accuracy, GFLOPs, throughput ...). A data-dependent variant's `forward` may
+  return `(logits, {'gflops': x})`, x a float (the batch's mean) or, better, a 1-D tensor of each image's GFLOPs:
+  compare reports the mean and the spread over the evaluated images (p5/p95, min/max).
+- 'training' (ToE): the benefit is training cost, so the Variant is not an inference point; compare evaluates its
+  model's top-1 and reports `extra['training']` in a table of its own:
+      {'epochs', 'wall_s_total', 'wall_s_per_epoch', 'wall_s_per_epoch_min', 'wall_s_per_epoch_max', 'acc1',
+       'baseline_wall_s_total', 'baseline_wall_s_per_epoch', 'baseline_wall_s_per_epoch_min',
+       'baseline_wall_s_per_epoch_max', 'baseline_acc1', 'speedup',
+       'measured': {'source': 'this run' or what the record is (e.g. 'shipped record'), 'device_name', 'threads',
+                    'git_commit', 'date'},
+       'commands': [the exact commands that trained both runs]}
+  (wall seconds, top-1 in percent; None when nothing was measured, e.g. a checkpoint given by the user).
 """
 import argparse
 import os
@@ -49,9 +64,9 @@ class Variant:
     settings: dict                   # the exact settings (reported verbatim)
     model: torch.nn.Module           # ready for eval (weights loaded, patched)
     gflops: Optional[float] = None   # static GFLOPs per image; None when data-dependent
-    forward: Optional[Callable] = None   # (model, images) -> logits, or (logits, {'gflops': per-image mean for batch})
+    forward: Optional[Callable] = None   # (model, images) -> logits, or (logits, {'gflops': float or (B,) tensor})
     artefacts: dict = field(default_factory=dict)   # name -> path of files this variant used (hashed in the report)
-    extra: dict = field(default_factory=dict)       # anything else worth reporting
+    extra: dict = field(default_factory=dict)       # anything else worth reporting ('training': see above)
 
 
 class MissingArtefact(UserError, FileNotFoundError):

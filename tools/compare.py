@@ -1,21 +1,25 @@
 #!/usr/bin/env python
 """Compare the token-reduction methods side by side: one backbone, one data set, one machine.
 
-With no arguments it runs offline on the embedded default (scikit-learn's digits): it trains a small ViT baseline
-(or reuses it from the cache), derives each method's models from it with the method's own code (ToMe and ToCom with a
-compensator trained on the fly, DiffRate searches, A-ViT fine-tuning, TAVT distillation + search, ToE training), then
-evaluates every point on the same validation images and writes a table (terminal, CSV, JSON) and plots.
+With no arguments it runs offline on the embedded default (scikit-learn's digits): the shipped small ViT baseline and
+each method's shipped artefacts derived from it (shared/assets/compare/; --retrain derives them again with each
+method's own code), every point evaluated on the same validation images, then a table (terminal, CSV, JSON) and plots.
 
     python tools/compare.py
     python tools/compare.py --methods tome,diffrate --r 2 4 --target-flops 0.03
-    python tools/compare.py --methods tome,tocom --r 2 4 6
-    python tools/compare.py --data-set IMNET --data-path /data/imagenet --model deit_small_patch16_224 \
-        --checkpoint deit_small.pth --input-size 224 --tocom-path tocom.pth ...
+    python tools/compare.py --preset deit_small_imagenet --weights-dir WEIGHTS --data-path /data/imagenet
+    python tools/compare.py --data-set IMNET --data-path /data/imagenet --model vit_small_patch14_reg4_dinov2 \
+        --checkpoint dinov2_s_finetuned.pth --input-size 224 --methods tome
 
-Each point reports top-1/top-5, GFLOPs (the shared analytic convention; data-dependent ones averaged over the
-evaluated images), model-only throughput (ToMe's convention: eval, no grad, warm-up thrown away, stated batch size and
-dtype, on real validation images so that data-dependent models run as they would), batch-1 latency, peak forward
-memory, parameters, and what it was made from (settings, seed, SHA-256 of every weight file).
+Each inference point reports top-1/top-5, GFLOPs (the shared analytic convention; for data-dependent models the mean
+over the evaluated images with its spread, p5/p95 and min/max), model-only throughput (ToMe's convention: eval, no
+grad, warm-up thrown away, stated batch size and dtype, on real validation images so that data-dependent models run
+as they would; all points timed in one interleaved loop, median and [min, max] over rounds), batch-1 latency, peak
+forward memory, parameters, and what it was made from (settings, seed, SHA-256 of every weight file). Methods whose
+benefit is training cost (ToE, kind 'training' in shared/methods.py) get a table of their own: wall time per epoch
+and in total against the baseline recipe's, speed-up, accuracy reached. With --preset, the papers' reported numbers
+stand next to each row. Output: results.txt, results.csv, training.csv, results.json (with the provenance and the
+time of each phase), acc_vs_gflops.png, acc_vs_throughput.png.
 """
 import argparse
 import contextlib
