@@ -175,10 +175,10 @@ def test_mae_preset_builds_the_fine_tuned_classifier():
     from shared.models import create_model
     preset = presets.PRESETS['mae_base_imagenet']
     assert preset.baseline.source == 'https://dl.fbaipublicfiles.com/mae/finetune/mae_finetuned_vit_base.pth'
-    model = create_model(preset.model, **preset.model_kwargs)
+    model = create_model(preset.model, **preset.model_kwargs, depth=1)  # one block: the head is what matters here
     keys = set(model.state_dict())
     assert {'fc_norm.weight', 'fc_norm.bias'} <= keys and not {'norm.weight', 'norm.bias'} & keys
-    assert model.global_pool == 'avg' and model.fc_norm.eps == 1e-6 and len(model.blocks) == 12
+    assert model.global_pool == 'avg' and model.fc_norm.eps == 1e-6 and model.embed_dim == 768
 
 
 def row(method, label, **settings):
@@ -252,3 +252,62 @@ def test_generated_imagenet_is_readable(tmp_path):
     root = make_imagenet(tmp_path / 'imagenet')
     dataset, classes = build_dataset(False, make_data_args('IMNET', root, 32))
     assert len(dataset) == 4 and classes == 1000 and sorted(set(dataset.targets)) == [0, 1]
+
+
+def tiny_preset_files(weights_dir):
+    """deit_tiny_imagenet's files with random weights of the right shapes: the DeiT-T baseline under its own SHA-256
+    prefix (returned: the preset renamed to it) and A-ViT-T under the released name."""
+    from avit.models_act import avit_tiny_patch16_224
+    from shared.models import create_model
+    preset = presets.PRESETS['deit_tiny_imagenet']
+    torch.manual_seed(0)
+    tmp = os.path.join(weights_dir, 'tmp.pth')
+    torch.save({'model': create_model('deit_tiny_patch16_224').state_dict()}, tmp)
+    name = f'deit_tiny_patch16_224-{sha256(tmp)[:8]}.pth'
+    os.replace(tmp, os.path.join(weights_dir, name))
+    torch.save({'model': avit_tiny_patch16_224().state_dict()}, os.path.join(weights_dir, 'tiny-10-30.pth'))
+    return dataclasses.replace(preset, baseline=dataclasses.replace(preset.baseline, name=name))
+
+
+def test_compare_with_a_preset_end_to_end(tmp_path, monkeypatch):
+    # the machinery, not the numbers: random weights, 4 generated images, one point per method
+    from diffrate.measure import schedule_gflops
+    from tools import compare
+    data = make_imagenet(tmp_path / 'imagenet')
+    weights = tmp_path / 'weights'
+    weights.mkdir()
+    monkeypatch.setitem(presets.PRESETS, 'deit_tiny_imagenet', tiny_preset_files(str(weights)))
+    out = tmp_path / 'out'
+    rows = compare.main(['--preset', 'deit_tiny_imagenet', '--weights-dir', str(weights), '--data-path', data,
+                         '--r', '8', '--target-flops', '0.9', '--quick', '--batch-size', '4', '--throughput-batch', '2',
+                         '--no-plots', '--output-dir', str(out), '--cache-dir', str(tmp_path / 'cache')])
+    assert [(r['method'], r['label']) for r in rows] == [
+        ('baseline', 'full'), ('tome', 'r=8'), ('diffrate', 'target=0.9'), ('avit', 'given beta=30')]
+    by_method = {r['method']: r for r in rows}
+    assert by_method['baseline']['weights']['baseline']['sha256'].startswith(
+        presets.PRESETS['deit_tiny_imagenet'].baseline.name[-12:-4])
+    # DiffRate ran the shipped ViT-T schedule of 0.9 GFLOPs
+    prune, merge = schedules.lookup('vit_deit_tiny_patch16_224', 0.9, schedules.SHIPPED_PATH)
+    assert by_method['diffrate']['gflops'] == pytest.approx(schedule_gflops('vit_deit_tiny_patch16_224', prune, merge),
+                                                            abs=1e-6)
+    # the reported numbers next to the measured rows; none for a setting no source reports
+    paper = {r['method']: (r['paper_acc1'], r['paper_gflops']) for r in rows}
+    assert paper == {'baseline': (72.202, None), 'tome': (71.7, 0.9), 'diffrate': (None, None), 'avit': (71.4, 0.8)}
+    with open(out / 'results.json') as f:
+        saved = json.load(f)
+    assert saved['preset'] == 'deit_tiny_imagenet' and saved['provenance']['data_set'] == 'IMNET'
+    assert [r['paper_acc1'] for r in saved['rows']] == [72.202, 71.7, None, 71.4]
+
+
+def test_compare_refuses_missing_weights(tmp_path, capsys):
+    from tools import compare
+    with pytest.raises(SystemExit) as e:
+        compare.main(['--preset', 'deit_small_imagenet', '--weights-dir', str(tmp_path), '--data-path',
+                      str(tmp_path), '--no-plots', '--output-dir', str(tmp_path / 'out')])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('error: ')
+    for name in ('deit_small_patch16_224-cd65a155.pth', 'small-10-75.pth'):
+        assert str(tmp_path / name) in err
+    assert 'https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth' in err
+    assert not (tmp_path / 'out').exists()
