@@ -27,28 +27,31 @@ import hashlib
 import io
 import logging
 import os
+import sys
 
 import torch
 
-from shared.compare_api import MissingArtefact, Variant, data_args, load_base_model
+from shared.compare_api import MissingArtefact, Variant, artefact_dir, data_args, epochs_for, load_base_model
 
 METHODS = ('tavt',)
 
 WARMUP_SHARE = 500 / 10000  # the README's --warmup_steps default over its --num_steps
+DEFAULT_PASSES = 6
 
 
 def add_args(parser):
     g = parser.add_argument_group('TAVT')
     g.add_argument('--tavt-genes', type=int, default=2, help='searched frontier genes to evaluate besides the full one')
-    g.add_argument('--tavt-epochs', type=int, default=1, help='distillation passes over the training data')
-    g.add_argument('--tavt-lr', type=float, default=1e-2,
-                   help='distillation SGD learning rate (original: 3e-2 at 4 x 16 images; on a 10-epoch digits '
-                        'baseline 1e-2 kept the full model best of 3e-2 / 1e-2 / 3e-3)')
+    g.add_argument('--tavt-epochs', type=int, default=None,
+                   help=f'distillation passes over the training data (default: --epochs, else {DEFAULT_PASSES})')
+    g.add_argument('--tavt-lr', type=float, default=1e-3,
+                   help='distillation SGD learning rate (original: 3e-2 at 4 x 16 images, the lr its baseline was '
+                        'fine-tuned with; here 1e-2 diverges from the AdamW-trained baseline, see the docstring)')
     g.add_argument('--tavt-batch-size', type=int, default=32, help='distillation batch size (original: 16)')
-    g.add_argument('--tavt-population', type=int, default=4, help='seeded genes of the search (original: 20)')
-    g.add_argument('--tavt-breed', type=int, default=2,
+    g.add_argument('--tavt-population', type=int, default=6, help='seeded genes of the search (original: 20)')
+    g.add_argument('--tavt-breed', type=int, default=3,
                    help='mutations and crossovers per search iteration, each (original: 30)')
-    g.add_argument('--tavt-evo-iter', type=int, default=2, help='search iterations (original: 30)')
+    g.add_argument('--tavt-evo-iter', type=int, default=3, help='search iterations (original: 30)')
     g.add_argument('--tavt-checkpoint-path', default=None,
                    help='a distilled tavt/train.py checkpoint of the baseline (skips the distillation)')
 
@@ -126,66 +129,122 @@ def _train_args(ctx, args, model, name, out, num_steps, eval_every):
     return targs
 
 
+def distillation_passes(ctx, args):
+    """--tavt-epochs when given, else shared.compare_api's budget (--epochs, 1 in tests, DEFAULT_PASSES)."""
+    return args.tavt_epochs if args.tavt_epochs is not None else epochs_for(ctx, DEFAULT_PASSES)
+
+
+def _file_digest(path, chars=10):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()[:chars]
+
+
+def artefact_name(ctx, args, given=None):
+    """The artefact folder's name: every setting the distilled weights and the frontier depend on."""
+    search = 'quick' if ctx.quick else f'pop{args.tavt_population}_br{args.tavt_breed}_it{args.tavt_evo_iter}'
+    if given:
+        start = f'given{_file_digest(given)}'
+    else:
+        start = (f'{ctx.model_name}_base{_file_digest(ctx.base_checkpoint)}_p{distillation_passes(ctx, args)}'
+                 f'_lr{args.tavt_lr:g}_b{args.tavt_batch_size}')
+    return f'{start}_s{ctx.seed}_{search}'
+
+
+class _StageLines(logging.Handler):
+    """One console line per distillation pass and per search iteration, read from TAVT's log records (the full log
+    goes to the run folder's run.log; stdout is redirected there meanwhile, hence the explicit `console`)."""
+
+    def __init__(self, console, passes, evo_iter):
+        super().__init__(logging.INFO)
+        self.console, self.passes, self.evo_iter = console, passes, evo_iter
+        self.done_passes, self.valid = 0, None
+
+    def emit(self, record):
+        message = record.getMessage()
+        line = None
+        if message.startswith('Valid Accuracy: '):
+            self.valid = message.split(':', 1)[1].strip()
+        elif message.startswith('single epoch train accuracy so far: '):
+            self.done_passes += 1
+            valid = f', valid accuracy {self.valid}' if self.valid is not None else ''
+            line = (f'| tavt: distillation pass {self.done_passes}/{self.passes} done, train accuracy '
+                    f'{message.rsplit(":", 1)[1].strip()}{valid}')
+            self.valid = None
+        elif message.startswith('| Start Iteration '):
+            line = f'| tavt: search iteration {message.split()[-1].rstrip(":")}/{self.evo_iter}'
+        if line is not None:
+            print(line, file=self.console, flush=True)
+
+
 def derive(ctx, args):
-    """Distil then search with tavt/train.py's functions; returns (checkpoint, frontier TSV), cached."""
+    """Distil then search with tavt/train.py's functions; returns (distilled checkpoint, frontier TSV). Both are in
+    the artefact folder (artefact_dir: shipped or cached); TAVT's run folder (training state, logs, search stores)
+    is its `work/` subfolder, which a shipped copy leaves out."""
     given = ctx.artefacts.get('tavt_checkpoint_path') or getattr(args, 'tavt_checkpoint_path', None)
     if given and not os.path.isfile(given):
         raise MissingArtefact('TAVT distilled checkpoint', given,
                               f'python tools/compare.py --methods tavt --cache-dir {ctx.cache_dir} (it writes '
-                              f'{os.path.join(ctx.cache_dir, "tavt", "*", "baseline_adaptive_checkpoint.bin")}), or '
+                              f'{os.path.join(ctx.cache_dir, "tavt", "*", "distilled.bin")}), or '
                               'python tavt/train.py --do_distil --name NAME --pretrained_model ... on your data set')
-    passes = max(1, args.tavt_epochs)
-    search_tag = '_quick' if ctx.quick else f'_pop{args.tavt_population}_br{args.tavt_breed}_it{args.tavt_evo_iter}'
-    if given:
-        digest = hashlib.sha1(os.path.abspath(given).encode()).hexdigest()[:10]
-        tag = f'given_{digest}_s{ctx.seed}{search_tag}'
-    else:
-        tag = f'{ctx.model_name}_p{passes}_lr{args.tavt_lr:g}_b{args.tavt_batch_size}_s{ctx.seed}{search_tag}'
-    out = os.path.abspath(os.path.join(ctx.cache_dir, 'tavt', tag))
-    name = 'baseline_adaptive'
-    ckpt = given or os.path.join(out, f'{name}_checkpoint.bin')
-    if os.path.isfile(os.path.join(out, 'done')):
-        with open(os.path.join(out, 'done')) as f:
-            frontier = f.read().strip()
+    passes = distillation_passes(ctx, args)
+    folder = os.path.abspath(artefact_dir(ctx, 'tavt', artefact_name(ctx, args, given)))
+    ckpt = given or os.path.join(folder, 'distilled.bin')
+    frontier = os.path.join(folder, 'frontier.tsv')
+    if os.path.isfile(os.path.join(folder, 'done')):
         return ckpt, frontier
-    from shared.checkpoint import atomic_save
+    from shared.checkpoint import atomic_copy, atomic_save, safe_load
     from tavt import train
+    out = os.path.join(folder, 'work')
     os.makedirs(out, exist_ok=True)
     trainset, testset = _datasets(ctx)
     steps_per_pass = len(trainset) // args.tavt_batch_size
     num_steps = passes * steps_per_pass
     model = tavt_model(ctx)
+    name = 'baseline_adaptive'
     targs = _train_args(ctx, args, model, name, out, num_steps, eval_every=steps_per_pass)
     log = io.StringIO()
-    handler = logging.StreamHandler(log)
+    handler, stages = logging.StreamHandler(log), _StageLines(sys.stdout, passes, targs.evo_iter)
     tavt_logger = logging.getLogger('tavt')
     tavt_logger.addHandler(handler)
+    tavt_logger.addHandler(stages)
     saved_level = tavt_logger.level
     tavt_logger.setLevel(logging.INFO)
+    console = stages.console
     try:
         # tqdm and TensorBoard: bars off (stderr is not a tty here), runs under <out>/logs
         with contextlib.chdir(out), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             if not given:
-                if os.path.isfile(ckpt):  # left by an interrupted run
-                    os.remove(ckpt)
+                run_ckpt = os.path.join(out, f'{name}_checkpoint.bin')
+                if os.path.isfile(run_ckpt):  # left by an interrupted run
+                    os.remove(run_ckpt)
                 train.set_seed(targs)
                 model.to(ctx.device)
+                print(f'| tavt: distillation, {passes} pass(es) of {steps_per_pass} steps', file=console, flush=True)
                 best = train.run_training(targs, model, distil=True, datasets=(trainset, testset))
-                if not os.path.isfile(ckpt):  # no evaluation after the first pass saved anything
-                    atomic_save({'model': model.state_dict()}, ckpt)
+                if not os.path.isfile(run_ckpt):  # no evaluation after the first pass saved anything
+                    atomic_save({'model': model.state_dict()}, run_ckpt)
                 log.write(f'distillation: best accuracy {best}\n')
+                # the best checkpoint's weights only (no optimizer or scaler state)
+                state = safe_load(run_ckpt)
+                atomic_save({'model': state['model'] if 'model' in state else state}, ckpt)
             model = tavt_model(ctx).to(ctx.device)
             train.load_checkpoint_model(ckpt, model)
             train.set_seed(targs)
+            print(f'| tavt: search, population {targs.population_size}, {targs.evo_iter} iteration(s)',
+                  file=console, flush=True)
             train.search(targs, model, datasets=(trainset, testset))
     finally:
         tavt_logger.removeHandler(handler)
+        tavt_logger.removeHandler(stages)
         tavt_logger.setLevel(saved_level)
         with open(os.path.join(out, 'run.log'), 'w') as f:
             f.write(log.getvalue())
-    frontier = os.path.join(out, 'evo', name, f'population-iter{targs.evo_iter}.tsv')
-    with open(os.path.join(out, 'done'), 'w') as f:
-        f.write(frontier)
+    atomic_copy(os.path.join(out, 'evo', name, f'population-iter{targs.evo_iter}.tsv'), frontier)
+    with open(os.path.join(folder, 'done'), 'w') as f:
+        f.write(f'{passes} distillation passes, search iterations {targs.evo_iter}\n')
     return ckpt, frontier
 
 
