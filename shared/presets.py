@@ -79,8 +79,7 @@ class Preset:
 
     def files(self, methods):
         """The weight files `methods` need, the baseline first."""
-        wanted = [self.baseline] + [f for f in self.artefacts + self.optional if f.method in methods]
-        return wanted
+        return [self.baseline] + [f for f in self.artefacts + self.optional if f.method in methods]
 
 
 def _deit_file(size, hash_prefix):
@@ -96,14 +95,14 @@ def _tocom_file(model):
         f'--teacher-model {model} --teacher-path {{checkpoint}} --lr 1e-3 --r_src -1, then copy OUT/checkpoint.pth'))
 
 
-# compare prints a reference's source next to the row; the ToMe numbers come from another setting, so their source says which
+# compare prints a reference's source next to its row; the ToMe numbers are of another setting, and the source says so
 _TOME_TRAINED = ('the paper trains DeiT-S with ToMe at this r; the off-the-shelf DeiT-S weights compare evaluates '
                  'are expected to land lower')
 _TOME_SOURCE = ('ToMe paper (arXiv 2210.09461) as its Papers-with-Code page lists it, DeiT-S trained with ToMe at this '
                 'r (r=13 agrees with the ToMe README: deit_S_r13 79.36)')
 _TOME_TRAINED_T = _TOME_TRAINED.replace('DeiT-S', 'DeiT-T')
-_TOME_SOURCE_T = ('ToMe paper (arXiv 2210.09461) as its Papers-with-Code page lists it, DeiT-T trained with ToMe at this '
-                  'r (the ToMe README: deit_T_r13 71.27)')
+_TOME_SOURCE_T = ('ToMe paper (arXiv 2210.09461) as its Papers-with-Code page lists it, DeiT-T trained with ToMe at '
+                  'this r (the ToMe README: deit_T_r13 71.27)')
 
 
 def _diffrate_reference(target, acc1, gflops):
