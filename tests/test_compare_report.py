@@ -126,6 +126,18 @@ def test_progress_names_each_method_start_end_and_the_files(tmp_path, compare_ct
     end = next(i for i, line in enumerate(lines) if re.fullmatch(r'\| fake: done, 1 point\(s\) in \d+\.\d s', line))
     assert start < end
     listed = lines[lines.index('| results written to:') + 1:]
+    evaluated = [line for line in lines if line.startswith('| evaluated ')]
+    assert [line.split(':')[0] for line in evaluated] == ['| evaluated [1/2] baseline full', '| evaluated [2/2] fake d1']
+    for size in (4, 1):  # each timing loop names its points as it warms them up, then its duration
+        first = lines.index(f'| timing 2 points at batch {size}: 3 rounds x {1 if size == 4 else 2} runs each, '
+                            'interleaved')
+        assert lines[first + 1:first + 3] == ['|   warm-up [1/2] baseline full', '|   warm-up [2/2] fake d1']
+        assert re.fullmatch(rf'\| timing at batch {size} done in \d+\.\d s', lines[first + 3])
+    phases = next(line for line in lines if line.startswith('| time per phase: '))
+    assert re.fullmatch(r'\| time per phase: baseline [\d.]+ s, derive fake [\d.]+ s, evaluate [\d.]+ s, '
+                        r'timing [\d.]+ s, reports [\d.]+ s, total [\d.]+ s', phases)
+    report = json.loads((out / 'results.json').read_text())
+    assert set(report['phases_s']) == {'baseline', 'derive fake', 'evaluate', 'timing', 'total'}
     names = ('results.txt', 'results.csv', 'training.csv', 'results.json')
     assert [line.strip('| ').strip() for line in listed] == [str(out / n) for n in names]
     assert all((out / n).is_file() for n in names)

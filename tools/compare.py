@@ -417,12 +417,13 @@ def evaluate_variant(variant, ctx, val_loader):
     return stats, recorder
 
 
-def measure(variant, ctx, val_loader, args):
-    """Every figure of one point but its timing (time_points), on the same validation data as every other point."""
+def measure(variant, ctx, val_loader, args, batch=None):
+    """Every figure of one point but its timing (time_points), on the same validation data as every other point;
+    `batch`: timing_batch(val_loader, args.throughput_batch), made once for every point."""
     from shared.benchmark import peak_forward_memory_mb
     device = ctx.device
     stats, recorder = evaluate_variant(variant, ctx, val_loader)
-    batch = timing_batch(val_loader, args.throughput_batch)
+    batch = timing_batch(val_loader, args.throughput_batch) if batch is None else batch
     mem = peak_forward_memory_mb(lambda: logits_forward(variant)(batch.to(device)), device)
     params = sum(p.numel() for p in variant.model.parameters())
     return {
@@ -821,10 +822,11 @@ def run(argv):
     training = [v for v in variants if v.method in registry.METHODS and registry.get(v.method).kind == 'training']
     inference = [v for v in variants if v not in training]
     rows, training_rows = [], []
+    batch = timing_batch(val_loader, args.throughput_batch)
     with phases('evaluate'):
         for i, v in enumerate(inference):
             start = time.time()
-            rows.append(measure(v, ctx, val_loader, args))
+            rows.append(measure(v, ctx, val_loader, args, batch))
             print(f'| evaluated [{i + 1}/{len(inference)}] {v.method} {v.label}: top-1 {rows[-1]["acc1"]:.2f}, '
                   f'GFLOPs {_num(rows[-1]["gflops"], ".4f", 0)} ({time.time() - start:.1f} s)', flush=True)
         for v in training:
@@ -832,7 +834,7 @@ def run(argv):
             print(f'| evaluated {v.method} {v.label} (training-time method): top-1 '
                   f'{_num(training_rows[-1]["acc1_evaluated"], ".2f", 0)}', flush=True)
     with phases('timing'):
-        timings = time_points(inference, timing_batch(val_loader, args.throughput_batch), ctx, args)
+        timings = time_points(inference, batch, ctx, args)
     for row, timing in zip(rows, timings):
         row.update(timing)
     for row in rows + training_rows:
