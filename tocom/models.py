@@ -6,7 +6,8 @@ fine-tuned at r_src and run at r_tgt, the steps between the two are summed, with
 scaled by `tocom_scale` and added to q and v. Being linear, the sum folds into the qkv weights (`fold_compensator`).
 
 Names are resolved through `shared.models.create_model(name, MODELS, ...)`; timm's own `deit_base_patch16_224` is never
-overwritten.
+overwritten. `<timm ViT>_tocom` puts the compensator on any backbone ToMe supports (DINOv2 with registers, CLIP, SigLIP,
+average-pooled ViTs; see shared.backbones), at that backbone's width.
 """
 import copy
 from functools import partial
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from shared.backbones import require_supported
 from shared.tome import ToMeAttention, ToMeBlock, apply_patch
 
 __all__ = ['Compensator', 'ToComAttention', 'ToComBlock', 'add_compensator', 'fold_compensator', 'set_r',
@@ -123,9 +125,13 @@ def set_r(model, r_tgt: int, r_src: Optional[int] = None):
 def add_compensator(model: VisionTransformer, tocom_dim: int = 2 * DEFAULT_STEPS, tocom_scale: float = 0.1,
                     steps: int = DEFAULT_STEPS, freeze: bool = True) -> VisionTransformer:
     """Turn a ToMe-patched (or plain) timm ViT into a ToCom model in place: q/v compensators of hidden width
-    `tocom_dim` (upstream: 16 * --tocom_dim) in every block; with `freeze`, only the `adapter` weights train."""
+    `tocom_dim` (upstream: 16 * --tocom_dim) in every block; with `freeze`, only the `adapter` weights train.
+
+    Any backbone ToMe supports (shared.backbones): the compensators take each block's own width, and the prefix
+    tokens (class, registers) are protected by the merge as in ToMe. Others raise UnsupportedBackbone."""
+    require_supported(model, 'ToCom', merges=True)
     if not hasattr(model, '_tome_info'):
-        apply_patch(model, prop_attn=True)
+        apply_patch(model, prop_attn=True, method='ToCom')
     for blk in model.blocks:
         blk.__class__ = ToComBlock
         attn = blk.attn
@@ -149,6 +155,10 @@ def compensator_state_dict(model) -> dict:
 def fold_compensator(model, r_tgt: int, r_src: int) -> VisionTransformer:
     """A plain ToMe model (merging r_tgt) whose qkv weights include the compensation r_src -> r_tgt:
     W_q += s W_up diag(mask) W_down (same for W_v). Zero extra FLOPs; equal to the unfolded model up to rounding."""
+    if not isinstance(model.blocks[0].attn.q_norm, nn.Identity):
+        # the compensation is added to the normalised queries, which no change of W_q reproduces
+        raise ValueError('the compensator cannot be folded into a model with query/key normalisation (qk_norm); '
+                         'run it unfolded')
     folded = copy.deepcopy(model)
     for blk in folded.blocks:
         attn = blk.attn
@@ -226,9 +236,6 @@ def create_tocom_model(name: str, tocom_scale: float = 0.1, tocom_dim: int = 2 *
         return create_model(name, MODELS, **kwargs)
     if name.endswith('_tocom'):
         base = create_model(name[:-len('_tocom')], MODELS, **kwargs)
-        if not isinstance(base, VisionTransformer):
-            raise ValueError(f'{name}: the compensator needs a timm VisionTransformer, '
-                             f'{name[:-len("_tocom")]} is a {type(base).__name__}')
         return add_compensator(base, tocom_dim, tocom_scale, tocom_steps)
     model = create_model(name, MODELS, **kwargs)
     if isinstance(model, VisionTransformer) and not hasattr(model, '_tome_info'):
