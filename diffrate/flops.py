@@ -26,24 +26,40 @@ def vit_token_counts(tokens, prune_kept, merge_kept, running_min=min):
     return attn_tokens, mlp_tokens
 
 
-def vit_gflops(embed_dim, patch_size, num_patches, num_classes, prune_kept, merge_kept):
-    """GFLOPs of a ViT with a class token under a (prune, merge) schedule, both counting the class token; exact
-    (integer token counts)."""
-    attn, mlp = vit_token_counts(num_patches + 1, [int(v) for v in prune_kept], [int(v) for v in merge_kept])
+def vit_gflops(embed_dim, patch_size, num_patches, num_classes, prune_kept, merge_kept, **layout):
+    """GFLOPs of a ViT under a (prune, merge) schedule, both counting the prefix tokens; exact (integer token
+    counts). layout: num_prefix_tokens (default 1, the class token), mlp_ratio (4), in_chans (3)."""
+    prefix = layout.get('num_prefix_tokens', 1)
+    attn, mlp = vit_token_counts(num_patches + prefix, [int(v) for v in prune_kept], [int(v) for v in merge_kept])
     return vit_macs(attn, mlp, embed_dim=embed_dim, patch_size=patch_size, num_patches=num_patches,
-                    num_classes=num_classes) / 1e9
+                    num_classes=num_classes, **layout) / 1e9
 
 
-def vit_training_gflops(embed_dim, patch_size, num_patches, num_classes, prune_kept, merge_kept):
+def vit_training_gflops(embed_dim, patch_size, num_patches, num_classes, prune_kept, merge_kept, **layout):
     """Differentiable GFLOPs from this forward's kept-number tensors; float32, outside autocast."""
     device = prune_kept[0].device
     with torch.autocast(device.type, enabled=False):
-        start = torch.tensor(float(num_patches + 1), device=device)
+        start = torch.tensor(float(num_patches + layout.get('num_prefix_tokens', 1)), device=device)
         attn, mlp = vit_token_counts(start, [k.float() for k in prune_kept], [k.float() for k in merge_kept],
                                      running_min=min_ste)
         macs = vit_macs(attn, mlp, embed_dim=embed_dim, patch_size=patch_size, num_patches=num_patches,
-                        num_classes=num_classes)
+                        num_classes=num_classes, **layout)
     return macs / 1e9
+
+
+def pool_macs(attn_pool, tokens):
+    """MACs of timm's attention pooling (AttentionPoolLatent, 'map') over `tokens` keys: its linear layers (keys and
+    values on every token; the query, output projection and MLP on the latent queries) and q.k, attn.v. Not in
+    `vit_macs`, which counts a class-token or average pool as free."""
+    latents = attn_pool.latent_len
+
+    def linear(layer, rows):
+        return rows * layer.in_features * layer.out_features if isinstance(layer, torch.nn.Linear) else 0
+    macs = linear(attn_pool.q, latents) + linear(attn_pool.kv, tokens) + linear(attn_pool.proj, latents)
+    macs += 2 * latents * tokens * attn_pool.num_heads * attn_pool.head_dim
+    if attn_pool.mlp is not None:
+        macs += linear(attn_pool.mlp.fc1, latents) + linear(attn_pool.mlp.fc2, latents)
+    return macs
 
 
 def _caformer_stages(dims, depths, input_size=224):

@@ -1,8 +1,8 @@
 """DiffRate's merge operator (spec 6.1 step 4), which differs from ToMe's bipartite soft matching.
 
-Tokens arrive sorted by importance. The first `kept` are destinations (class token first), every other token is a
-source. Each source joins its most similar destination (cosine similarity of the detached features, never the class
-token); destinations become the plain mean of themselves and their sources. The similarity of each source to its
+Tokens arrive sorted by importance. The first `kept` are destinations (prefix tokens first), every other token is a
+source. Each source joins its most similar destination (cosine similarity of the detached features, never a prefix
+token: class, distillation or register); destinations become the plain mean of themselves and their sources. The similarity of each source to its
 destination is returned so the caller can scale sizes by it.
 """
 import math
@@ -13,13 +13,15 @@ import torch
 def merge_by_similarity(metric, kept, class_token=True):
     """Returns (merge, similarity): merge(x, mode, keep_sources) applies the assignment to any (B, N, *) tensor
     with scatter-reduce `mode` ('mean' includes the destination itself, 'sum', 'amax'); with keep_sources the
-    sources are appended after the destinations (the search keeps them in place and masks them)."""
+    sources are appended after the destinations (the search keeps them in place and masks them).
+    class_token: how many leading destinations no source may join (True: the class token alone)."""
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         sources, destinations = metric[:, kept:], metric[:, :kept]
         similarity = sources @ destinations.transpose(-1, -2)
-        if class_token:
-            similarity[..., :, 0] = -math.inf
+        protected = int(class_token)
+        if protected:
+            similarity[..., :, :protected] = -math.inf
         best_similarity, best_destination = similarity.max(dim=-1)
         index = best_destination[..., None]
 

@@ -1,18 +1,22 @@
-"""DiffRate patch for timm ViTs with a class token: DeiT (class-token classifier) and MAE fine-tuned ViTs
-(size-weighted global average pool).
+"""DiffRate patch for timm ViTs: DeiT (class-token classifier), MAE fine-tuned ViTs (size-weighted global average
+pool) and the families of shared.backbones (registers, no class token with average or attention pooling, layer
+scale, pre-norm).
 
-Every block gets a prune proxy and a merge proxy. After attention the tokens are sorted by the attention the class
-token pays them; inference then drops the tail (prune) and folds the next-least-important tokens into their most
-similar survivors (merge). The search never removes tokens: it masks keys in the attention softmax instead, so the
-token masks carry gradients to the proxies.
+Every block gets a prune proxy and a merge proxy. After attention the patch tokens are sorted by importance: the
+attention the class token pays them, or, in a model without a class token, the mean attention they receive from
+every token (all heads, all queries). Inference then drops the tail (prune) and folds the next-least-important tokens
+into their most similar survivors (merge). The prefix tokens (class, distillation, registers) stay first and are
+never pruned, merged into or merged. The search never removes tokens: it masks keys in the attention softmax
+instead, so the token masks carry gradients to the proxies.
 """
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from diffrate.flops import vit_gflops, vit_training_gflops
+from diffrate.flops import pool_macs, vit_gflops, vit_training_gflops
 from diffrate.merge import merge_by_similarity
 from diffrate.proxy import KeptNumberProxy
+from shared.backbones import pool_features, require_supported
 
 SOFTMAX_EPS = 1e-6
 
@@ -82,43 +86,69 @@ def fused_attention_with_class_row(attn_module, x, size=None):
 
 class DiffRateAttention(Attention):
     """timm ViT Attention returning (output, attention map), with proportional attention and the search's mask.
-    Under no_grad in eval mode the map is the class token's row only (fused attention for the output); the search
-    and training keep the explicit map, whose every row the masked softmax needs."""
+    Under no_grad in eval mode the map is the class token's row only (fused attention for the output) when that row
+    is all the ordering reads (`class_row_only`); the search and training keep the explicit map, whose every row the
+    masked softmax needs, and so does a model without a class token, whose ordering reads every row."""
+    class_row_only = True
 
     def forward(self, x, size=None, mask=None):
-        if not self.training and not torch.is_grad_enabled():
+        if self.class_row_only and not self.training and not torch.is_grad_enabled():
             return fused_attention_with_class_row(self, x, size)
         return attention_with_size(self, x, size, mask)
 
 
-def sort_by_class_attention(attn):
-    """Permutation (B, N) keeping the class token first and ordering the others by the class token's attention
-    to them, averaged over heads, descending. `attn` is the map (B, heads, N, N) or its class row (B, heads, 1, N)."""
+def sort_by_importance(attn, prefix=1, class_token=True, query_weight=None):
+    """Permutation (B, N) keeping the `prefix` tokens first, in place, and ordering the patch tokens by importance,
+    descending: the class token's attention to them averaged over heads (`attn` the map (B, heads, N, N) or its
+    class row (B, heads, 1, N)); without a class token, the attention they receive averaged over queries and heads
+    (`query_weight` (B, N): 0 for the queries the search has masked out, which no longer exist)."""
     B = attn.shape[0]
-    cls_attn = attn[:, :, 0, 1:].mean(dim=1)
-    _, order = torch.sort(cls_attn, descending=True)
-    cls_index = torch.zeros((B, 1), device=order.device, dtype=order.dtype)
-    return torch.cat((cls_index, order + 1), dim=1)
+    if class_token:
+        score = attn[:, :, 0, prefix:].mean(dim=1)
+    elif query_weight is None:
+        score = attn[:, :, :, prefix:].mean(dim=2).mean(dim=1)
+    else:
+        w = query_weight.detach()[:, None, :, None]
+        score = ((attn[:, :, :, prefix:] * w).sum(dim=2) / w.sum(dim=2)).mean(dim=1)
+    _, order = torch.sort(score, descending=True)
+    head = torch.arange(prefix, device=order.device, dtype=order.dtype).expand(B, prefix)
+    return torch.cat((head, order + prefix), dim=1)
 
 
 def gather_tokens(t, idx):
     return torch.gather(t, dim=1, index=idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
 
 
+def prefixed_proxy(patch_number, granularity, prefix):
+    """A kept-number proxy whose numbers count `prefix` tokens ahead of the patches (the proxy's class-token offset,
+    widened to class + registers, or 0 without prefix tokens), which no candidate can remove."""
+    proxy = KeptNumberProxy(patch_number, granularity, class_token=prefix > 0)
+    if prefix > 1:
+        proxy.class_token_num = prefix
+        with torch.no_grad():
+            proxy.update_kept_token_number()
+    return proxy
+
+
 class DiffRateBlock(Block):
     """attention -> residual -> sort -> prune -> merge -> MLP -> residual."""
 
-    def introduce_diffrate(self, patch_number, prune_granularity, merge_granularity):
-        self.prune_ddp = KeptNumberProxy(patch_number, prune_granularity)
-        self.merge_ddp = KeptNumberProxy(patch_number, merge_granularity)
+    def introduce_diffrate(self, patch_number, prune_granularity, merge_granularity, prefix=1):
+        self.prune_ddp = prefixed_proxy(patch_number, prune_granularity, prefix)
+        self.merge_ddp = prefixed_proxy(patch_number, merge_granularity, prefix)
 
     def forward(self, x):
         info = self._diffrate_info
         B = x.shape[0]
+        if not info['reorder']:
+            # a schedule that removes nothing anywhere: the unpatched block (timm's token order and attention)
+            x = x + self.drop_path1(self.ls1(Attention.forward(self.attn, self.norm1(x))))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         x_attn, attn = self.attn(self.norm1(x), info['size'], mask=info['mask'])
         x = x + self.drop_path1(self.ls1(x_attn))
 
-        idx = sort_by_class_attention(attn)
+        prefix = info['prefix']
+        idx = sort_by_importance(attn, prefix, info['class_token'], info['mask'] if self.training else None)
         x = gather_tokens(x, idx)
         info['size'] = gather_tokens(info['size'], idx)
         if info['trace_source']:
@@ -138,7 +168,7 @@ class DiffRateBlock(Block):
             kept = self.merge_ddp.kept_token_number
             if kept < mid:
                 x_tail, size_tail = x[:, mid:], info['size'][:, mid:]
-                merge, similarity = merge_by_similarity(x[:, :mid].detach(), kept)
+                merge, similarity = merge_by_similarity(x[:, :mid].detach(), kept, prefix)
                 x = merge(x[:, :mid], mode='mean', keep_sources=True)
                 size = info['size']
                 # sizes scaled by how similar a source is to its destination; clamped at 1 in the search only
@@ -158,7 +188,7 @@ class DiffRateBlock(Block):
                 info['source'] = info['source'][:, :prune_kept]
             kept = self.merge_ddp.kept_token_number
             if kept < x.shape[1]:
-                merge, similarity = merge_by_similarity(x.detach(), kept)
+                merge, similarity = merge_by_similarity(x.detach(), kept, prefix)
                 x = merge(x, mode='mean')
                 size = info['size']
                 # no clamp at inference (the reference's behaviour)
@@ -193,8 +223,10 @@ class DiffRateModelMixin:
 class DiffRateVisionTransformerMixin(DiffRateModelMixin):
     def forward(self, x, return_flop=True):
         B = x.shape[0]
-        n = self.patch_embed.num_patches + 1
+        n = self.patch_embed.num_patches + info_prefix(self)
         info = self._diffrate_info
+        # Sorting only serves the removal; when the schedule removes nothing the forward keeps timm's order.
+        info['reorder'] = self.training or min(min(k) for k in self.get_kept_num()) < n
         info['size'] = torch.ones([B, n, 1], device=x.device)
         info['mask'] = torch.ones((B, n), device=x.device)
         info['alive'] = n
@@ -220,6 +252,14 @@ class DiffRateVisionTransformerMixin(DiffRateModelMixin):
             x = self.fc_norm(x)
             x = self.head_drop(x)
             return x if pre_logits else self.head(x)
+        if (self.attn_pool is not None or self.global_pool == 'avg') and self._diffrate_info['reorder']:
+            # the backbone's own pooling, each token weighted by its size; in the search a masked token weighs
+            # (next to) nothing, and never exactly 0, whose log the attention pooling's bias could not take
+            size = self._diffrate_info['size']
+            if self.training:
+                size = (size * self._diffrate_info['mask'][..., None]).clamp(min=torch.finfo(size.dtype).tiny)
+            x = self.head_drop(pool_features(self, x, size))
+            return x if pre_logits else self.head(x)
         return super().forward_head(x, pre_logits=pre_logits)
 
     def get_kept_num(self):
@@ -238,25 +278,50 @@ class DiffRateVisionTransformerMixin(DiffRateModelMixin):
     def _flops_geometry(self):
         return self.embed_dim, self.patch_embed.patch_size[0], self.patch_embed.num_patches, self.num_classes
 
+    def _flops_layout(self):
+        """Keyword arguments of the FLOPs formulas beyond the DeiT defaults (prefix tokens, MLP ratio, channels)."""
+        mlp_ratio = self.blocks[0].mlp.fc1.out_features / self.embed_dim
+        layout = dict(num_prefix_tokens=info_prefix(self), mlp_ratio=mlp_ratio,
+                      in_chans=self.patch_embed.proj.in_channels)
+        return {k: v for k, v in layout.items() if v != _DEIT_LAYOUT[k]}
+
+    def _pool_macs(self, tokens):
+        """MACs of an attention pooling over the `tokens` (prefix included) that leave the last block; 0 without."""
+        if self.attn_pool is None:
+            return 0
+        return pool_macs(self.attn_pool, tokens - (0 if self.pool_include_prefix else info_prefix(self)))
+
     def calculate_flop_training(self):
         info = self._diffrate_info
-        return vit_training_gflops(*self._flops_geometry(), info['prune_kept_num'], info['merge_kept_num']) * 1e9
+        return (vit_training_gflops(*self._flops_geometry(), info['prune_kept_num'], info['merge_kept_num'],
+                                    **self._flops_layout()) * 1e9 + self._pool_macs(info['alive']))
 
     def calculate_flop_inference(self):
-        return vit_gflops(*self._flops_geometry(), *self.get_kept_num()) * 1e9
+        prune, merge = self.get_kept_num()
+        tokens = min([self.patch_embed.num_patches + info_prefix(self)] + prune + merge)
+        return vit_gflops(*self._flops_geometry(), prune, merge, **self._flops_layout()) * 1e9 + self._pool_macs(tokens)
+
+
+_DEIT_LAYOUT = dict(num_prefix_tokens=1, mlp_ratio=4.0, in_chans=3)
+
+
+def info_prefix(model):
+    return model._diffrate_info['prefix']
 
 
 def apply_patch(model: VisionTransformer, prune_granularity=1, merge_granularity=1, trace_source=False,
                 non_compressed_blocks=(0,), size_weighted_pool=False):
     """Patch a timm ViT in place. Blocks listed in `non_compressed_blocks` (negative indices count from the end)
-    get a single candidate equal to all patches, so they never compress."""
-    if model.cls_token is None:
-        raise ValueError('the DiffRate ViT patch needs a model with a class token')
+    get a single candidate equal to all patches, so they never compress. Backbones whose token order matters
+    (rotary or window attention) or whose pooling has no size-weighted form are refused (shared.backbones)."""
+    backbone = require_supported(model, 'DiffRate', merges=True)
+    prefix = backbone.num_prefix_tokens
     model.__class__ = type('DiffRate' + model.__class__.__name__,
                            (DiffRateVisionTransformerMixin, model.__class__), {})
     model._diffrate_info = {
         'size': None, 'mask': None, 'source': None, 'alive': None,
-        'class_token': True, 'trace_source': trace_source, 'size_weighted_pool': size_weighted_pool,
+        'class_token': backbone.has_class_token, 'prefix': prefix, 'reorder': True,
+        'trace_source': trace_source, 'size_weighted_pool': size_weighted_pool,
         'prune_kept_num': [], 'merge_kept_num': [],
     }
     depth = len(model.blocks)
@@ -265,11 +330,12 @@ def apply_patch(model: VisionTransformer, prune_granularity=1, merge_granularity
     for index, block in enumerate(model.blocks):
         block.__class__ = DiffRateBlock
         if index in fixed:
-            block.introduce_diffrate(patches, patches + 1, patches + 1)
+            block.introduce_diffrate(patches, patches + 1, patches + 1, prefix)
         else:
-            block.introduce_diffrate(patches, prune_granularity, merge_granularity)
+            block.introduce_diffrate(patches, prune_granularity, merge_granularity, prefix)
         block._diffrate_info = model._diffrate_info
         block.attn.__class__ = DiffRateAttention
+        block.attn.class_row_only = backbone.has_class_token
     return model
 
 
