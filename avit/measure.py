@@ -145,6 +145,8 @@ def add_benchmark_args(parser):
     parser.add_argument('--runs', default=3, type=int, help='forwards of each model per round')
     parser.add_argument('--warmup', default=2, type=int)
     parser.add_argument('--threads', default=0, type=int, help='torch CPU threads (0: leave as is)')
+    from shared.benchmark import add_compile_args
+    add_compile_args(parser)
 
 
 def benchmark(args):
@@ -155,7 +157,7 @@ def benchmark(args):
     speed-up over DeiT is printed as median [min, max] and returned as `speedup_spread`."""
     import timm
     from avit.models_act import packed_block
-    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
+    from shared.benchmark import format_spread, seconds_with_compiled, speedup_table
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -204,8 +206,10 @@ def benchmark(args):
         counts = [int((model.counter_token > layer).sum(1).max()) for layer in range(len(model.blocks))]
         forwards = {'deit': deit, 'masked': run(False), 'zipped': run(True), 'zipped_no_halting': run(True, 1e9),
                     'blocks_only': blocks_only(counts)}
-        table = speedup_table(interleaved_seconds(forwards, x, rounds=args.rounds, runs=args.runs,
-                                                  warmup=args.warmup), bs, 'deit')
+        # the token count is read from the data: captured as an unbacked size, the zipped path is one graph
+        seconds, compiled = seconds_with_compiled(forwards, x, args, 'deit', {'capture_scalar_outputs': True},
+                                                  rounds=args.rounds, runs=args.runs, warmup=args.warmup)
+        table = speedup_table(seconds, bs, 'deit')
         ips = {name: row['img_per_s']['median'] for name, row in table.items()}
         speedup = ips['zipped'] / ips['deit']
         ideal = ips['blocks_only'] / ips['deit']
@@ -214,7 +218,7 @@ def benchmark(args):
                    zipped_no_halting_img_s=ips['zipped_no_halting'], blocks_only_img_s=ips['blocks_only'],
                    tokens_per_block=counts, speedup=speedup, speedup_over_flops_reduction=speedup / reduction,
                    ideal_speedup_over_flops_reduction=ideal / reduction,
-                   speedup_spread={name: row['speedup'] for name, row in table.items()})
+                   speedup_spread={name: row['speedup'] for name, row in table.items()}, compiled=compiled)
         results['rows'].append(row)
         print(f'{bs:>5} {depth:>6.2f} {avit_gflops:>7.3f} {reduction:>8.2f} {ips["deit"]:>11.1f} '
               f'{ips["masked"]:>13.1f} {ips["zipped"]:>13.1f} {ips["zipped_no_halting"]:>14.1f} '

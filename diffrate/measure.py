@@ -59,6 +59,8 @@ def add_benchmark_args(parser):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--granularity', type=int, default=4)
     parser.add_argument('--seed', type=int, default=0)
+    from shared.benchmark import add_compile_args
+    add_compile_args(parser)
 
 
 def benchmark(args):
@@ -67,7 +69,7 @@ def benchmark(args):
     import copy
     import torch
     from diffrate.models import apply_diffrate, create_model
-    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
+    from shared.benchmark import format_spread, seconds_with_compiled, speedup_table
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -89,7 +91,8 @@ def benchmark(args):
     forwards.update({label: _logits_only(models[label]) for label in settings})
     size = getattr(plain, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
     x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    seconds = interleaved_seconds(forwards, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup)
+    seconds, compiled = seconds_with_compiled(forwards, x, args, 'timm', rounds=args.rounds, runs=args.runs,
+                                              warmup=args.warmup)
     table = speedup_table(seconds, args.batch_size, 'timm')
     print(f'{args.model}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, {args.rounds} '
           f'interleaved rounds of {args.runs} forwards; median [min, max] over rounds')
@@ -99,6 +102,8 @@ def benchmark(args):
                           'img_per_s': row['img_per_s'], 'speedup': row['speedup']}
         print(f"{label:>16}: {format_spread(row['img_per_s'], 1):>26} im/s  {gflops[label]:.3f} GFLOPs  "
               f"speed-up {format_spread(row['speedup'])}")
+    if compiled is not None:
+        results['compiled'] = compiled
     return results
 
 

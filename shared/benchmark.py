@@ -141,3 +141,52 @@ def peak_forward_memory_mb(fn, device):
     with torch.no_grad(), Mode():
         fn()
     return tracker.peak / 2 ** 20
+
+
+# ------------------------------------------------------------------------------------------------- compiled forwards
+def add_compile_args(parser):
+    """--compile / --compile-backend of a method's benchmark (tools/benchmark.py --method M)."""
+    parser.add_argument('--compile', action='store_true',
+                        help='also time every forward torch.compile\'d (static shapes) in the same rounds, and report '
+                             'each against the compiled baseline and against the eager one')
+    parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend (default inductor)')
+
+
+def compile_forward(fn, backend='inductor', dynamo_config=None):
+    """torch.compile of fn with static shapes (each batch size and dtype its own graph, as deployed); `dynamo_config`
+    is patched into dynamo around every call, so that it is in force whenever a call traces."""
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+    if not dynamo_config:
+        return compiled
+
+    def run(x):
+        with torch._dynamo.config.patch(**dynamo_config):
+            return compiled(x)
+    return run
+
+
+def seconds_with_compiled(forwards, inputs, args, baseline, dynamo_config=None, **timing):
+    """`interleaved_seconds` of `forwards`, and with `args.compile` of their compiled versions in the same rounds.
+
+    Returns (the eager forwards' seconds, the compiled report or None). The report, per name: images/s, speed-up
+    over the compiled baseline and speed-up over the eager baseline, each a spread over rounds; it is also printed."""
+    if not getattr(args, 'compile', False):
+        return interleaved_seconds(forwards, inputs, **timing), None
+    # one graph per forward, batch size and dtype: keep them all rather than fall back to eager past dynamo's limit
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(forwards))
+    timed = dict(forwards)
+    timed.update({('compiled', name): compile_forward(fn, args.compile_backend, dynamo_config)
+                  for name, fn in forwards.items()})
+    seconds = interleaved_seconds(timed, inputs, **timing)
+    batch = inputs.shape[0]
+    over_compiled = speedup_table(seconds, batch, ('compiled', baseline))
+    over_eager = speedup_table(seconds, batch, baseline)
+    report = {name: {'img_per_s': over_compiled[('compiled', name)]['img_per_s'],
+                     'speedup': over_compiled[('compiled', name)]['speedup'],
+                     'speedup_vs_eager_baseline': over_eager[('compiled', name)]['speedup']} for name in forwards}
+    print(f'compiled ({args.compile_backend}, static shapes), batch {batch}; median [min, max] over rounds:')
+    print(f'{"forward":>20} {"img/s":>26} {"vs compiled " + str(baseline):>24} {"vs eager " + str(baseline):>24}')
+    for name, row in report.items():
+        print(f'{str(name):>20} {format_spread(row["img_per_s"], 1):>26} {format_spread(row["speedup"]):>24} '
+              f'{format_spread(row["speedup_vs_eager_baseline"]):>24}')
+    return {name: seconds[name] for name in forwards}, report

@@ -96,6 +96,8 @@ def add_benchmark_args(parser):
     g.add_argument('--runs', type=int, default=4, help='forwards of each model per round')
     g.add_argument('--warmup', type=int, default=2)
     g.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave as is)')
+    from shared.benchmark import add_compile_args
+    add_compile_args(g)
 
 
 def plain_timm_model(model):
@@ -133,7 +135,7 @@ def plain_timm_model(model):
 
 
 def benchmark(args):
-    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
+    from shared.benchmark import format_spread, seconds_with_compiled, speedup_table
     from shared.distributed import resolve_device
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +155,8 @@ def benchmark(args):
     forwards = {'timm': plain, 'full': model}
     if gene is not None:
         forwards['gene'] = lambda t: model(t, length_config=gene)
-    seconds = interleaved_seconds(forwards, x, rounds=args.rounds, runs=args.runs, warmup=args.warmup, dtype=dtype)
+    seconds, compiled = seconds_with_compiled(forwards, x, args, 'timm', rounds=args.rounds, runs=args.runs,
+                                              warmup=args.warmup, dtype=dtype)
     table = speedup_table(seconds, args.batch_size, 'timm')
     macs = {'timm': gene_macs(model, None) / 1e9, 'full': gene_macs(model, None) / 1e9,
             'gene': gene_macs(model, gene) / 1e9}
@@ -168,4 +171,5 @@ def benchmark(args):
               f"{format_spread(r['speedup_spread']):>20}")
     tavt = results.get('gene', results['full'])
     print(f"gene {gene}: speed-up over timm x{tavt['speedup']:.2f}, FLOPs ratio x{macs['timm'] / tavt['gflops']:.2f}")
-    return dict(gene=gene, timm=results['timm'], full=results['full'], tavt=tavt, speedup=tavt['speedup'])
+    return dict(gene=gene, timm=results['timm'], full=results['full'], tavt=tavt, speedup=tavt['speedup'],
+                compiled=compiled)

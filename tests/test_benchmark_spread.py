@@ -21,3 +21,28 @@ def test_speedup_table_divides_timings_of_the_same_round():
     # images/s 8, 8, 16/3, 4, 4
     assert table['fast']['img_per_s'] == {'median': 16 / 3, 'min': 4.0, 'max': 8.0, 'q1': 4.0, 'q3': 8.0}
     assert format_spread(table['fast']['speedup']) == '2.00 [1.00, 4.00]'
+
+
+def test_seconds_with_compiled_times_a_compiled_copy_of_each_forward():
+    """--compile of a method's benchmark: each forward is compiled once (a counting backend sees one graph each, none
+    recompiled over the rounds), timed in the same rounds, and reported against the compiled baseline."""
+    import types
+    from shared.benchmark import seconds_with_compiled
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    forwards = {'base': lambda x: x * 2, 'fast': lambda x: x + 1}
+    args = types.SimpleNamespace(compile=True, compile_backend=counting_backend)
+    seconds, report = seconds_with_compiled(forwards, torch.ones(4, 3), args, 'base', rounds=3, runs=2, warmup=1)
+    assert list(seconds) == ['base', 'fast'] and [len(t) for t in seconds.values()] == [3, 3]
+    assert len(graphs) == 2
+    assert list(report) == ['base', 'fast']
+    assert report['base']['speedup'] == {'median': 1.0, 'min': 1.0, 'max': 1.0, 'q1': 1.0, 'q3': 1.0}
+    assert all(len(row['img_per_s']) == 5 and row['speedup_vs_eager_baseline']['median'] > 0
+               for row in report.values())
+    assert seconds_with_compiled(forwards, torch.ones(4, 3), types.SimpleNamespace(), 'base', rounds=1, runs=1,
+                                 warmup=0)[1] is None
+    torch._dynamo.reset()

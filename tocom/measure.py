@@ -11,6 +11,7 @@ in alternation in one run; speed-ups over the plain model as the median and rang
 """
 import torch
 
+from shared.benchmark import add_compile_args
 from shared.flops import vit_dims, vit_macs
 
 DEFAULT_BENCH_R = (8, 13, 16)
@@ -84,6 +85,7 @@ def add_benchmark_args(parser):
     parser.add_argument('--rounds', default=5, type=int,
                         help='interleaved rounds over the plain model and every r; the median round counts and the '
                              'range is printed (a shared machine drifts: interleaving keeps the ratios fair)')
+    add_compile_args(parser)
 
 
 def plain_timm_model(model, name):
@@ -98,7 +100,7 @@ def plain_timm_model(model, name):
 
 
 def benchmark(args):
-    from shared.benchmark import format_spread, interleaved_seconds, speedup_table
+    from shared.benchmark import format_spread, seconds_with_compiled, speedup_table
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
     batch = args.batch_size or (64 if gpu else 8)
@@ -119,7 +121,8 @@ def benchmark(args):
 
     forwards = {0: plain}
     forwards.update({r: with_r(r) for r in args.r if r != 0})
-    seconds = interleaved_seconds(forwards, x, rounds=max(1, args.rounds), runs=runs, warmup=warmup, dtype=dtype)
+    seconds, compiled = seconds_with_compiled(forwards, x, args, 0, rounds=max(1, args.rounds), runs=runs,
+                                              warmup=warmup, dtype=dtype)
     table = speedup_table(seconds, batch, 0)
     rows = [{'r': r, 'gflops': model_gflops(model, r), 'img_per_s': table[r]['img_per_s']['median'],
              'img_per_s_spread': table[r]['img_per_s'], 'speedup': table[r]['speedup']['median'],
@@ -134,4 +137,5 @@ def benchmark(args):
         row['efficiency'] = row['speedup'] / row['flops_ratio']
         print(f'{row["r"]:>4} {row["gflops"]:>8.3f} {format_spread(row["img_per_s_spread"]):>24} '
               f'{format_spread(row["speedup_spread"], 3):>20} {row["flops_ratio"]:>12.3f} {row["efficiency"]:>15.3f}')
-    return {'model': args.model, 'batch_size': batch, 'dtype': str(dtype), 'device': str(device), 'rows': rows}
+    return {'model': args.model, 'batch_size': batch, 'dtype': str(dtype), 'device': str(device), 'rows': rows,
+            'compiled': compiled}

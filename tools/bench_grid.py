@@ -23,8 +23,13 @@ import torch
 from shared.methods import NAMES
 
 # the GPU grid holds the papers' comparison points; the CPU grid is the smoke run of the same code (seconds)
-GPU_GRID = dict(batch_sizes=(1, 64, 256), dtypes=('float16', 'bfloat16'), rounds=5, runs=10, warmup=3)
-CPU_GRID = dict(batch_sizes=(1,), dtypes=('float32',), rounds=1, runs=1, warmup=1)
+GPU_GRID = dict(batch_sizes=(1, 64, 256), dtypes=('float16', 'bfloat16'), rounds=5, runs=10, warmup=3,
+                compile_batch_sizes=(256,), compile_dtypes=('float16',))
+CPU_GRID = dict(batch_sizes=(1,), dtypes=('float32',), rounds=1, runs=1, warmup=1, compile_batch_sizes=(1,),
+                compile_dtypes=('float32',))
+# Compiled rows on a GPU default to the papers' throughput setting (float16, batch 256) only: every (model, batch,
+# dtype) is an inductor compile of its own (tens of seconds each), and the whole grid has to fit in minutes. The
+# other cells: --compile-batch-sizes / --compile-dtypes.
 
 
 @dataclass
@@ -158,32 +163,25 @@ def _avit_gflops(model, x):
     return model_macs(model) / 1e9, float(per_image_macs(model, model.counter_token).mean()) / 1e9
 
 
-def compiled(fn, backend, config):
-    """torch.compile of fn with static shapes (each batch size and dtype its own graph, as deployed); `config` is
-    patched into dynamo while it traces, i.e. around every call (a call that finds its graph cached does not trace)."""
-    compiled_fn = torch.compile(fn, backend=backend, dynamic=False)
-    if not config:
-        return compiled_fn
-
-    def run(x):
-        with torch._dynamo.config.patch(**config):
-            return compiled_fn(x)
-    return run
-
-
 def run_grid(device, out_dir, methods=NAMES, compile_=False, batch_sizes=None, dtypes=None, rounds=None, runs=None,
-             warmup=None, backend='inductor'):
-    from shared.benchmark import interleaved_seconds
+             warmup=None, backend='inductor', compile_batch_sizes=None, compile_dtypes=None):
+    from shared.benchmark import compile_forward, interleaved_seconds
     device = torch.device(device)
     gpu = device.type == 'cuda'
     grid = dict(GPU_GRID if gpu else CPU_GRID)
-    for key, value in dict(batch_sizes=batch_sizes, dtypes=dtypes, rounds=rounds, runs=runs, warmup=warmup).items():
+    overrides = dict(batch_sizes=batch_sizes, dtypes=dtypes, rounds=rounds, runs=runs, warmup=warmup,
+                     compile_batch_sizes=compile_batch_sizes, compile_dtypes=compile_dtypes)
+    for key, value in overrides.items():
         if value:
             grid[key] = value
     # every (model, batch, dtype) is a graph of its own; the default limit of 8 per code object would silently fall
     # back to eager for the models that share timm's forward
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                4 * len(grid['batch_sizes']) * len(grid['dtypes']))
+                                                4 * len(grid['compile_batch_sizes']) * len(grid['compile_dtypes']))
+    if compile_ and not (set(grid['compile_batch_sizes']) & set(grid['batch_sizes'])
+                         and set(grid['compile_dtypes']) & set(grid['dtypes'])):
+        print(f"--compile: no compiled rows, the grid has no cell of batch {grid['compile_batch_sizes']} and dtype "
+              f"{grid['compile_dtypes']} (set --compile-batch-sizes / --compile-dtypes)")
     rows = []
     for method in methods:
         for pair in PAIRS[method](gpu):
@@ -191,15 +189,18 @@ def run_grid(device, out_dir, methods=NAMES, compile_=False, batch_sizes=None, d
             torch._dynamo.reset()  # each pair compiles from scratch, its graphs alone in the cache
             pair.plain.to(device)
             pair.module.to(device)
-            forwards = {SERIES['eager'][0]: pair.plain, SERIES['eager'][1]: pair.reduced}
+            eager = {SERIES['eager'][0]: pair.plain, SERIES['eager'][1]: pair.reduced}
+            both = dict(eager)
             if compile_:
-                forwards[SERIES['compiled'][0]] = compiled(pair.plain, backend, {})
-                forwards[SERIES['compiled'][1]] = compiled(pair.reduced, backend, pair.dynamo_config)
+                both[SERIES['compiled'][0]] = compile_forward(pair.plain, backend)
+                both[SERIES['compiled'][1]] = compile_forward(pair.reduced, backend, pair.dynamo_config)
             for bs in grid['batch_sizes']:
                 x = torch.randn(bs, 3, pair.size, pair.size, generator=torch.Generator().manual_seed(0)).to(device)
                 gflops = pair.gflops or _avit_gflops(pair.module, x)
                 for dtype_name in grid['dtypes']:
                     dtype = getattr(torch, dtype_name)
+                    with_compiled = bs in grid['compile_batch_sizes'] and dtype_name in grid['compile_dtypes']
+                    forwards = both if with_compiled else eager
                     seconds = interleaved_seconds(forwards, x, rounds=grid['rounds'], runs=grid['runs'],
                                                   warmup=grid['warmup'], dtype=dtype)
                     for mode, speed in speed_columns(seconds, bs).items():
@@ -279,8 +280,9 @@ def write_tables(rows, device, out_dir, grid, backend=None):
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    compiled_note = (f' Compiled rows: both models torch.compile\'d ({backend}, static shapes); speed-up over the '
-                     'compiled baseline, and in its own column over the eager one.') if backend else ''
+    compiled_note = (f' Compiled rows (batch {", ".join(map(str, grid["compile_batch_sizes"]))}; '
+                     f'{", ".join(grid["compile_dtypes"])}): both models torch.compile\'d ({backend}, static shapes); '
+                     'speed-up over the compiled baseline, and in its own column over the eager one.') if backend else ''
     with open(md_path, 'w') as f:
         f.write(f'{line}\n\nEach method against its plain timm baseline on the same weights, {grid["rounds"]} '
                 f'interleaved rounds of {grid["runs"]} forwards after {grid["warmup"]} warm-up; speed-up: median '

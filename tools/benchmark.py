@@ -46,6 +46,10 @@ def get_parser(argv=None):
         parser.add_argument('--dtypes', nargs='+', default=None, choices=['float32', 'float16', 'bfloat16'])
         parser.add_argument('--rounds', type=int, default=None)
         parser.add_argument('--runs', type=int, default=None)
+        parser.add_argument('--compile-batch-sizes', nargs='+', type=int, default=None,
+                            help='batch sizes that also get compiled rows (default 256 on a GPU, 1 on the CPU)')
+        parser.add_argument('--compile-dtypes', nargs='+', default=None, choices=['float32', 'float16', 'bfloat16'],
+                            help='dtypes that also get compiled rows (default float16 on a GPU, float32 on the CPU)')
     elif method is not None:
         measure_module(method).add_benchmark_args(parser)
     return parser
@@ -56,7 +60,8 @@ def main(argv=None):
     if getattr(args, 'all', False):
         from tools.bench_grid import run_grid
         return run_grid(args.device, args.out, args.methods or NAMES, args.compile, args.batch_sizes, args.dtypes,
-                        args.rounds, args.runs, backend=args.compile_backend)
+                        args.rounds, args.runs, backend=args.compile_backend,
+                        compile_batch_sizes=args.compile_batch_sizes, compile_dtypes=args.compile_dtypes)
     return measure_module(args.method).benchmark(args)
 
 
