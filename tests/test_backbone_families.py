@@ -10,7 +10,7 @@ import torch
 from shared.backbones import (FAMILIES, REFUSED, UnsupportedBackbone, describe, pool_features, require_supported)
 from shared.flops import flop_counter_macs, vit_dims, vit_macs
 from shared.tome import apply_patch
-from tavt.length_drop import apply_patch_drop
+from tavt.length_drop import apply_patch_drop, gene_token_counts
 from tocom.models import add_compensator, fold_compensator, set_r
 
 METHODS = ['tome', 'tocom', 'tavt']
@@ -183,6 +183,8 @@ def test_method_on_family(family, method):
         out = model(x)
         assert out.shape == expected.shape and torch.isfinite(out).all()
         assert counts.attn == attn_tokens and counts.mlp == mlp_tokens
+        if method == 'tavt':  # the counts tavt.length_drop reports for FLOPs
+            assert gene_token_counts(model, mlp_tokens) == (attn_tokens, mlp_tokens)
         assert mlp_tokens[-1] < attn_tokens[0] - prefix  # the forward did reduce
 
         # prefix tokens never merged or dropped: still at 0..P-1, each holding only itself
