@@ -2,7 +2,9 @@
 
 ToE is a training accelerator: it changes how a ViT is trained, not what runs at inference, so its result is a
 training cost. The hook trains the baseline architecture twice FROM SCRATCH with the same recipe, data, epochs,
-batch, seed and thread count, back to back on the same machine, each with its own entry script in a child process:
+batch, seed and thread count on the same machine, each with its own entry script in a child process, both at once
+on the CPU when each can have its own cores (a busy machine then slows both alike; the baseline's last epochs, after
+ToE has finished, run with one competitor less, which can only understate ToE's speed-up), else back to back:
 
     ToE:       python toe/deit/main.py <recipe> --expansion-step ... --keep-rate ... (ToE's DeiT trainer)
     baseline:  python tools/train_baseline.py <recipe>                             (the baseline's trainer)
@@ -25,10 +27,12 @@ GFLOPs), with `extra['training']` =
      'baseline_wall_s_total', 'baseline_wall_s_per_epoch', 'baseline_wall_s_per_epoch_min',
      'baseline_wall_s_per_epoch_max', 'baseline_acc1',
      'speedup': baseline_wall_s_total / wall_s_total,
-     'measured': {'source': 'shipped record' | 'this run', 'device_name', 'threads', 'git_commit', 'date'},
+     'measured': {'source': 'shipped record' | 'this run', 'device_name', 'threads', 'git_commit', 'date',
+                  'runs': 'side by side' | 'back to back'},
      'commands': [ToE command, baseline command] (exact, run from the repository root),
      and for the curious: 'wall_s_epochs' / 'baseline_wall_s_epochs' (every epoch), 'cpu_s_total' /
-     'baseline_cpu_s_total', 'cpu_speedup', 'kept_tokens_per_epoch', 'expansion_step'}
+     'baseline_cpu_s_total', 'cpu_speedup', 'run_wall_s_total' / 'baseline_run_wall_s_total' (whole processes),
+     'load_avg_1min' (at the start and end of each run), 'kept_tokens_per_epoch', 'expansion_step'}
 Wall times in seconds; accuracies in percent. `extra['training']` is None when the model comes from
 `--toe-checkpoint` (nothing was measured).
 
@@ -42,7 +46,6 @@ import datetime
 import json
 import os
 import re
-import resource
 import shlex
 import statistics
 import subprocess
@@ -58,8 +61,8 @@ METHODS = ('toe',)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOE_SCRIPT = os.path.join('toe', 'deit', 'main.py')
 BASELINE_SCRIPT = os.path.join('tools', 'train_baseline.py')
-# 50 epochs each: the 120-epoch shipped baseline took 20 min on one thread; 2 x 50 fits a shared 2-core machine in
-# well under an hour and is past the knee of the digits ViT's learning curve (shipped record's README)
+# 50 epochs each: the 120-epoch shipped baseline took 20 min on one idle thread; two 50-epoch runs side by side fit
+# an hour on a busy 2-core machine (the shipped record's README has the learning curves)
 DEFAULT_EPOCHS = 50
 # The shipped baseline's recipe, given to BOTH scripts (ToE's parser keeps DeiT's ImageNet defaults otherwise)
 RECIPE = ['--lr', '5e-4', '--unscale-lr', '--warmup-epochs', '3', '--min-lr', '1e-5', '--cooldown-epochs', '0',
@@ -147,27 +150,65 @@ def epoch_wall_seconds(lines):
     return [seconds[e] for e in sorted(seconds)]
 
 
-def run_measured(script, argv, threads, log_path):
-    """Run a training script in a child process with `threads` threads; its output goes to log_path. Returns the
-    per-epoch training wall seconds, the whole run's wall and CPU seconds, and the machine's 1-minute load average
-    when it started and ended (how busy the machine was with other work)."""
-    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads), 'PYTHONUNBUFFERED': '1'}
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    with open(log_path, 'w') as log:
-        proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(log_path) as f:
-        lines = f.read().splitlines()
-    if proc.returncode != 0:
-        tail = '\n'.join(lines[-30:])
-        raise UserError(f'toe: {script} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}')
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    return {'epoch_wall_s': epoch_wall_seconds(lines), 'run_wall_s': wall, 'cpu_s': cpu,
-            'load_avg_1min': [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+class TrainingRun:
+    """One training script in a child process with `threads` threads, its output in log_path."""
+
+    def __init__(self, script, argv, threads, log_path):
+        self.script, self.log_path = script, log_path
+        env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads),
+               'PYTHONUNBUFFERED': '1'}
+        self.load_before = os.getloadavg()[0]
+        self.started = time.perf_counter()
+        with open(log_path, 'w') as log:
+            self.proc = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self.result = None
+
+    def poll(self):
+        """True once the child has ended; then `result` holds the per-epoch training wall seconds, the whole run's
+        wall and CPU seconds (this child's own, from wait4) and the machine's 1-minute load average when it started
+        and ended (how busy the machine was with other work)."""
+        if self.result is not None:
+            return True
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        wall = time.perf_counter() - self.started
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        with open(self.log_path) as f:
+            lines = f.read().splitlines()
+        if self.proc.returncode != 0:
+            tail = '\n'.join(lines[-30:])
+            raise UserError(f'toe: {self.script} failed (exit {self.proc.returncode}); the end of {self.log_path}:\n'
+                            f'{tail}')
+        self.result = {'epoch_wall_s': epoch_wall_seconds(lines), 'run_wall_s': wall,
+                       'cpu_s': usage.ru_utime + usage.ru_stime,
+                       'load_avg_1min': [round(self.load_before, 2), round(os.getloadavg()[0], 2)]}
+        return True
+
+
+def run_all(jobs, threads, side_by_side):
+    """Run the (script, argv, log_path) jobs all at once (side by side) or one after the other; their results."""
+    runs = []
+    try:
+        for job in jobs:
+            runs.append(TrainingRun(*job[:2], threads, job[2]))
+            while not side_by_side and not runs[-1].poll():
+                time.sleep(0.2)
+        while not all(run.poll() for run in runs):
+            time.sleep(0.2)
+    finally:
+        for run in runs:
+            if run.proc.returncode is None:
+                run.proc.kill()
+                run.proc.wait()
+    return [run.result for run in runs]
+
+
+def side_by_side_fits(device, threads):
+    """Both runs at once when each can have its own cores: on a busy machine both then see the same load, as the
+    comparison's interleaved timing does for inference; a GPU (or too few cores) runs them back to back."""
+    return torch.device(device).type == 'cpu' and 2 * threads <= (os.cpu_count() or 1)
 
 
 def read_log(out):
@@ -240,12 +281,16 @@ def train_and_measure(ctx, args, epochs, steps, folder):
     parse_args(toe_flags)  # an impossible schedule exits here with the parser's message, before anything runs
     for out in (toe_out, base_out):
         os.makedirs(out, exist_ok=True)
-    print(f'| toe: training ToE and the baseline from scratch, {epochs} epochs each, {threads} thread(s), '
-          f'into {folder}', flush=True)
-    toe_run = run_measured(TOE_SCRIPT, toe_flags, threads, os.path.join(folder, 'toe.out'))
-    base_run = run_measured(BASELINE_SCRIPT, base_flags, threads, os.path.join(folder, 'baseline.out'))
+    print(f'| toe: training ToE and the baseline from scratch, {epochs} epochs each, {threads} thread(s) each, '
+          f'{"side by side" if side_by_side_fits(ctx.device, threads) else "back to back"}, into {folder}',
+          flush=True)
+    side_by_side = side_by_side_fits(ctx.device, threads)
+    toe_run, base_run = run_all([(TOE_SCRIPT, toe_flags, os.path.join(folder, 'toe.out')),
+                                 (BASELINE_SCRIPT, base_flags, os.path.join(folder, 'baseline.out'))],
+                                threads, side_by_side)
     commands = [command_text(TOE_SCRIPT, toe_flags, threads), command_text(BASELINE_SCRIPT, base_flags, threads)]
     record = training_record(toe_run, base_run, read_log(toe_out), read_log(base_out), steps, commands, ctx, threads)
+    record['measured']['runs'] = 'side by side' if side_by_side else 'back to back'
     # what the comparison loads: the plain ViT's weights only (no optimizer, no TokenSelect state)
     torch.save({'model': to_timm_state_dict(safe_load(os.path.join(toe_out, 'checkpoint.pth')))},
                os.path.join(folder, WEIGHTS))
