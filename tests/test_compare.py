@@ -42,7 +42,8 @@ def _fake_hook(monkeypatch):
 
     mod.add_args, mod.variants = add_args, variants
     monkeypatch.setitem(sys.modules, 'fake_compare_hook', mod)
-    monkeypatch.setitem(registry.METHODS, 'fake', registry.Method('fake', 'Fake', '-', 'fake_compare_hook', '-', 'inference', 'x', 'gray'))
+    monkeypatch.setitem(registry.METHODS, 'fake',
+                        registry.Method('fake', 'Fake', '-', 'fake_compare_hook', '-', 'inference', 'x', 'gray'))
     return mod
 
 

@@ -98,7 +98,8 @@ def test_recorder_passes_a_float_through_unchanged():
     recorder = compare.GflopsRecorder(lambda m, x: (x.sum(1), {'gflops': 0.25, 'depth': 3.0}))
     logits, figures = recorder(None, torch.ones(3, 2))
     assert figures == {'gflops': 0.25, 'depth': 3.0} and torch.equal(logits, torch.full((3,), 2.0))
-    assert recorder.per == 'batch' and torch.equal(torch.cat(recorder.values), torch.full((3,), 0.25, dtype=torch.float64))
+    assert recorder.per == 'batch'
+    assert torch.equal(torch.cat(recorder.values), torch.full((3,), 0.25, dtype=torch.float64))
     with pytest.raises(ValueError, match='2 per-image GFLOPs for 3 images'):
         compare.GflopsRecorder(lambda m, x: (x, {'gflops': torch.ones(2)}))(None, torch.ones(3, 2))
 

@@ -18,7 +18,8 @@ def _hook(monkeypatch, make):
     mod.METHODS = ('fake',)
     mod.variants = lambda method, ctx, args: make(ctx)
     monkeypatch.setitem(sys.modules, 'fake_report_hook', mod)
-    monkeypatch.setitem(registry.METHODS, 'fake', registry.Method('fake', 'Fake', '-', 'fake_report_hook', '-', 'inference', 'x', 'gray'))
+    monkeypatch.setitem(registry.METHODS, 'fake',
+                        registry.Method('fake', 'Fake', '-', 'fake_report_hook', '-', 'inference', 'x', 'gray'))
 
 
 def _run(tmp_path, compare_ctx, *extra_argv):
@@ -127,7 +128,8 @@ def test_progress_names_each_method_start_end_and_the_files(tmp_path, compare_ct
     assert start < end
     listed = lines[lines.index('| results written to:') + 1:]
     evaluated = [line for line in lines if line.startswith('| evaluated ')]
-    assert [line.split(':')[0] for line in evaluated] == ['| evaluated [1/2] baseline full', '| evaluated [2/2] fake d1']
+    assert [line.split(':')[0] for line in evaluated] == ['| evaluated [1/2] baseline full',
+                                                           '| evaluated [2/2] fake d1']
     for size in (4, 1):  # each timing loop names its points as it warms them up, then its duration
         first = lines.index(f'| timing 2 points at batch {size}: 3 rounds x {1 if size == 4 else 2} runs each, '
                             'interleaved')

@@ -99,8 +99,8 @@ def get_parser(methods):
     parser.add_argument('--model', default='vit_digits_patch4_32', help='baseline timm model name')
     parser.add_argument('--checkpoint', default='', help='baseline weights (DeiT .pth or timm state dict); default '
                         f'on DIGITS: the shipped {os.path.relpath(SHIPPED_BASELINE, ROOT)}')
-    parser.add_argument('--retrain-baseline', action='store_true',
-                        help='train the DIGITS baseline with tools/train_baseline.py (cached) instead of the shipped one')
+    parser.add_argument('--retrain-baseline', action='store_true', help='train the DIGITS baseline with '
+                        'tools/train_baseline.py (cached) instead of the shipped one')
     parser.add_argument('--baseline-epochs', default=40, type=int)
     parser.add_argument('--epochs', default=None, type=int,
                         help="override every method's training budget (default: each method's own, the one its "
