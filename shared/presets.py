@@ -262,6 +262,16 @@ def default_methods(preset, weights_dir):
     return list(preset.methods) + [m for m in present if m not in preset.methods]
 
 
+def _refuse_conflicts(args, parser, preset, found):
+    """A backbone flag the user gave that the preset would replace is an error, not silently overridden."""
+    chosen = {'model': preset.model, 'input_size': preset.input_size, 'data_set': 'IMNET', **found}
+    for dest, value in chosen.items():
+        if parser is not None and not _unset(args, dest, parser) and getattr(args, dest) != value:
+            flag = '--' + dest.replace('_', '-')
+            raise UserError(f'{flag} {getattr(args, dest)} conflicts with --preset {preset.name}, which uses {value}; '
+                            f'drop {flag} (or drop --preset and give every flag yourself)')
+
+
 def apply_preset(args, parser=None):
     """Fill the parsed compare `args` from `args.preset` and the files in `args.weights_dir` (see the module
     docstring). With `parser`, a flag still at its parser default counts as not given and is filled too; flags the
@@ -286,6 +296,7 @@ def apply_preset(args, parser=None):
         raise UserError(f"--preset {preset.name} has no setting for {', '.join(unsupported)}; its methods: "
                         f"{', '.join(preset.methods + tuple(f.method for f in preset.optional))}")
     found = check_files(preset, weights_dir, methods)
+    _refuse_conflicts(args, parser, preset, found)
     args.methods = ','.join(methods)
     args.data_set = 'IMNET'
     args.model = preset.model

@@ -40,7 +40,7 @@ def random_weights(path, seed=0):
 
 
 def args_for(preset, weights_dir, data_path='imagenet', **given):
-    values = dict(preset=preset, weights_dir=str(weights_dir), data_path=data_path, methods=None, model='m',
+    values = dict(preset=preset, weights_dir=str(weights_dir), data_path=data_path, methods=None, model=None,
                   checkpoint='', input_size=None, tome_r=None, target_flops=None, diffrate_schedule_path=None,
                   tocom_path='', avit_checkpoint='', toe_checkpoint='')
     values.update(given)
@@ -147,6 +147,23 @@ def test_user_flags_are_kept_and_defaults_filled(tmp_path):
     args = args_for(preset, tmp_path, methods='tome', tome_r=[2, 4])
     presets.apply_preset(args, parser)
     assert args.tome_r == [8, 13, 16]
+
+
+def test_a_backbone_flag_the_preset_would_replace_is_refused(tmp_path):
+    preset = self_hashed(presets.PRESETS['deit_small_imagenet'], tmp_path)
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--model', default='vit_digits_patch4_32')
+    parser.add_argument('--checkpoint', default='')
+    cases = {'model': 'deit_base_patch16_224', 'checkpoint': str(tmp_path / 'mine.pth')}
+    for dest, value in cases.items():
+        args = args_for(preset, tmp_path, cache_dir=str(tmp_path / 'cache'), **{**dict.fromkeys(cases, None),
+                                                                                  dest: value})
+        with pytest.raises(UserError, match=f'--{dest} {value} conflicts with --preset'):
+            presets.apply_preset(args, parser)
+    # the same value as the preset's, or the parser's default, is no conflict
+    args = args_for(preset, tmp_path, cache_dir=str(tmp_path / 'cache'), model='deit_small_patch16_224',
+                    checkpoint='')
+    assert presets.apply_preset(args, parser).checkpoint == str(tmp_path / preset.baseline.name)
 
 
 def test_user_made_files_join_the_default_methods(tmp_path):
