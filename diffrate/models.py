@@ -72,17 +72,21 @@ def create_model(name, **kwargs):
 
 
 def patch_kind(name):
-    """The reference picks the patch by substring of the model name."""
+    """The reference picks the patch by substring of the model name; other timm ViT names ('vit_*', e.g. DINOv2, CLIP,
+    SigLIP) get the generic patch, which refuses, with the reason, a backbone it cannot honour."""
     for kind in ('deit', 'mae', 'caformer'):
         if kind in name:
             return kind
-    raise ValueError(f"model '{name}': DiffRate supports DeiT, MAE and CAFormer models only (the name must contain "
-                     f"'deit', 'mae' or 'caformer'); supported names: {', '.join(MODELS)}")
+    if name.startswith('vit_'):
+        return 'vit'
+    raise ValueError(f"model '{name}': DiffRate supports DeiT, MAE, CAFormer and timm VisionTransformer models only "
+                     f"(the name must contain 'deit', 'mae' or 'caformer', or start with 'vit_'); supported names: "
+                     f"{', '.join(MODELS)}")
 
 
 def apply_diffrate(model, name, granularity, trace_source=False):
     kind = patch_kind(name)
-    if kind == 'deit':
+    if kind in ('deit', 'vit'):
         return apply_deit_patch(model, granularity, granularity, trace_source)
     if kind == 'mae':
         return apply_mae_patch(model, granularity, granularity, trace_source)
