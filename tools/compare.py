@@ -235,7 +235,8 @@ def fit_checkpoint(args, state, ckpt, model_kwargs):
     from shared.models import create_model
     from timm.models.vision_transformer import checkpoint_filter_fn
     try:
-        model = create_model(args.model, **model_kwargs)
+        with torch.device('meta'):  # shapes only: no memory, no initialisation
+            model = create_model(args.model, **model_kwargs)
     except (RuntimeError, ValueError, TypeError) as e:
         raise UserError(f'--model {args.model}: {e}') from None
     own = model.state_dict()
