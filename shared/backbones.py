@@ -76,8 +76,7 @@ def _refusal(model: nn.Module) -> Optional[str]:
     if getattr(model, 'rope', None) is not None or any('Rotary' in type(m).__name__ for m in model.modules()):
         return ('rotary position embeddings: attention depends on each token\'s grid position, which merging or '
                 'dropping tokens would scramble')
-    if any(getattr(m, 'window_size', 0) for m in model.modules() if not isinstance(m, nn.ModuleList)) \
-            or 'swin' in kind.lower():
+    if any(getattr(m, 'window_size', 0) for m in model.modules()) or 'swin' in kind.lower():
         return ('window attention: tokens attend within fixed windows of the patch grid, which a shorter token '
                 'sequence no longer has')
     if not isinstance(getattr(model, 'blocks', None), nn.Sequential):
