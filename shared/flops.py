@@ -55,16 +55,22 @@ def flop_counter_macs(model, x):
 
     timm's fused attention (F.scaled_dot_product_attention) runs a CPU kernel the counter has no formula for, so the
     explicit q·kᵀ / attn·v path is used while counting. The counter sees the patch embedding without the class slot
-    that `vit_macs` counts (C·in_chans·p² MACs less)."""
+    that `vit_macs` counts (C·in_chans·p² MACs less). The parameters are frozen while counting: with trainable weights
+    the counter fails inside timm's attention pool ('map' pooling: SigLIP)."""
     from torch.utils.flop_counter import FlopCounterMode
     fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, 'fused_attn')]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     counter = FlopCounterMode(display=False)
     try:
         for m, _ in fused:
             m.fused_attn = False
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.no_grad(), counter:
             model(x)
     finally:
         for m, flag in fused:
             m.fused_attn = flag
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops() / 2 / x.shape[0]
