@@ -265,11 +265,11 @@ class AdaptiveComputation:
             if i == depth - 1:
                 break
             going_on = c < threshold
-            if torch.compiler.is_compiling():
-                states, pos, c, bias = self._pack_without_host_sync(y, pos, c, going_on)
-                continue
             if not pack_every_block and i not in self.zip_pack_blocks:
                 states, pos, c, bias = self._gather_packed(y, pos, c, going_on, c.shape[1], True)
+                continue
+            if torch.compiler.is_compiling():
+                states, pos, c, bias = self._pack_without_host_sync(y, pos, c, going_on)
                 continue
             if B == 1 and pack_every_block:  # no padding: keep the tokens that go on, in order
                 keep = going_on.view(-1).nonzero().squeeze(1)

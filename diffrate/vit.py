@@ -223,8 +223,8 @@ class DiffRateModelMixin:
 class DiffRateVisionTransformerMixin(DiffRateModelMixin):
     def forward(self, x, return_flop=True):
         B = x.shape[0]
-        n = self.patch_embed.num_patches + info_prefix(self)
         info = self._diffrate_info
+        n = self.patch_embed.num_patches + info['prefix']
         # Sorting only serves the removal; when the schedule removes nothing the forward keeps timm's order.
         info['reorder'] = self.training or min(min(k) for k in self.get_kept_num()) < n
         info['size'] = torch.ones([B, n, 1], device=x.device)
@@ -279,11 +279,9 @@ class DiffRateVisionTransformerMixin(DiffRateModelMixin):
         return self.embed_dim, self.patch_embed.patch_size[0], self.patch_embed.num_patches, self.num_classes
 
     def _flops_layout(self):
-        """Keyword arguments of the FLOPs formulas beyond the DeiT defaults (prefix tokens, MLP ratio, channels)."""
-        mlp_ratio = self.blocks[0].mlp.fc1.out_features / self.embed_dim
-        layout = dict(num_prefix_tokens=info_prefix(self), mlp_ratio=mlp_ratio,
-                      in_chans=self.patch_embed.proj.in_channels)
-        return {k: v for k, v in layout.items() if v != _DEIT_LAYOUT[k]}
+        """What the FLOPs formulas need beyond the geometry: prefix tokens, MLP ratio, input channels."""
+        return dict(num_prefix_tokens=info_prefix(self), mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim,
+                    in_chans=self.patch_embed.proj.in_channels)
 
     def _pool_macs(self, tokens):
         """MACs of an attention pooling over the `tokens` (prefix included) that leave the last block; 0 without."""
@@ -300,9 +298,6 @@ class DiffRateVisionTransformerMixin(DiffRateModelMixin):
         prune, merge = self.get_kept_num()
         tokens = min([self.patch_embed.num_patches + info_prefix(self)] + prune + merge)
         return vit_gflops(*self._flops_geometry(), prune, merge, **self._flops_layout()) * 1e9 + self._pool_macs(tokens)
-
-
-_DEIT_LAYOUT = dict(num_prefix_tokens=1, mlp_ratio=4.0, in_chans=3)
 
 
 def info_prefix(model):
