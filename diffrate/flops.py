@@ -47,21 +47,6 @@ def vit_training_gflops(embed_dim, patch_size, num_patches, num_classes, prune_k
     return macs / 1e9
 
 
-def pool_macs(attn_pool, tokens):
-    """MACs of timm's attention pooling (AttentionPoolLatent, 'map') over `tokens` keys: its linear layers (keys and
-    values on every token; the query, output projection and MLP on the latent queries) and q.k, attn.v. Not in
-    `vit_macs`, which counts a class-token or average pool as free."""
-    latents = attn_pool.latent_len
-
-    def linear(layer, rows):
-        return rows * layer.in_features * layer.out_features if isinstance(layer, torch.nn.Linear) else 0
-    macs = linear(attn_pool.q, latents) + linear(attn_pool.kv, tokens) + linear(attn_pool.proj, latents)
-    macs += 2 * latents * tokens * attn_pool.num_heads * attn_pool.head_dim
-    if attn_pool.mlp is not None:
-        macs += linear(attn_pool.mlp.fc1, latents) + linear(attn_pool.mlp.fc2, latents)
-    return macs
-
-
 def _caformer_stages(dims, depths, input_size=224):
     resolution = input_size
     for s, depth in enumerate(depths):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from diffrate.flops import pool_macs, vit_gflops, vit_training_gflops
+from diffrate.flops import vit_gflops, vit_training_gflops
 from diffrate.merge import merge_by_similarity
 from diffrate.proxy import KeptNumberProxy
 from shared.backbones import pool_features, require_supported
@@ -283,21 +283,13 @@ class DiffRateVisionTransformerMixin(DiffRateModelMixin):
         return dict(num_prefix_tokens=info_prefix(self), mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim,
                     in_chans=self.patch_embed.proj.in_channels)
 
-    def _pool_macs(self, tokens):
-        """MACs of an attention pooling over the `tokens` (prefix included) that leave the last block; 0 without."""
-        if self.attn_pool is None:
-            return 0
-        return pool_macs(self.attn_pool, tokens - (0 if self.pool_include_prefix else info_prefix(self)))
-
     def calculate_flop_training(self):
         info = self._diffrate_info
-        return (vit_training_gflops(*self._flops_geometry(), info['prune_kept_num'], info['merge_kept_num'],
-                                    **self._flops_layout()) * 1e9 + self._pool_macs(info['alive']))
+        return vit_training_gflops(*self._flops_geometry(), info['prune_kept_num'], info['merge_kept_num'],
+                                   **self._flops_layout()) * 1e9
 
     def calculate_flop_inference(self):
-        prune, merge = self.get_kept_num()
-        tokens = min([self.patch_embed.num_patches + info_prefix(self)] + prune + merge)
-        return vit_gflops(*self._flops_geometry(), prune, merge, **self._flops_layout()) * 1e9 + self._pool_macs(tokens)
+        return vit_gflops(*self._flops_geometry(), *self.get_kept_num(), **self._flops_layout()) * 1e9
 
 
 def info_prefix(model):

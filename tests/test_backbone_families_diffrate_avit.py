@@ -107,11 +107,11 @@ def test_diffrate_schedule_token_counts_prefix_tokens_and_flops(family):
     assert torch.all(source[:, :prefix].sum(-1) == 1) and torch.all(size[:, :prefix] == 1)
     assert torch.all(source[:, prefix:, :prefix] == 0)  # no patch token absorbed a prefix token
 
-    # DiffRate's FLOPs: the project's convention on these token counts, plus the attention pooling
+    # DiffRate's FLOPs: the project's convention (shared.flops: blocks and head) on these token counts
     dims, _ = vit_dims(model)
     pooled = leaving[-1] - prefix
     analytic = vit_macs(entering, leaving, **dims)
-    assert flops == analytic + (attention_pool_macs(model.attn_pool, pooled) if model.attn_pool is not None else 0)
+    assert flops == analytic
     # == counted; the counter also sees the class token's attention row (N x C a block, the ordering) and the
     # merge's cosine similarities (sources x destinations x C)
     extra = beyond_the_blocks(model, backbone, pooled)
