@@ -11,6 +11,7 @@ from shared.compare_api import MissingArtefact, Variant
 from shared.models import create_model
 from shared import methods as registry
 from tools import compare
+from tools._dispatch import measure_module
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_registry_covers_the_five_methods():
     # every hook module the registry names exists, and provides the names it is registered under
     for name, method in registry.METHODS.items():
         assert name in compare.hook_module(name).METHODS
-        assert registry.measure_hook(name).__name__ == method.measure
+        assert registry.measure_hook(name).__name__ == method.measure == measure_module(name).__name__
     styles = [registry.style(n) for n in (*registry.NAMES, 'baseline')]
     assert len(set(styles)) == len(styles)  # one marker and colour per method
 
