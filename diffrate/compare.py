@@ -26,15 +26,17 @@ Under the entry script's DeiT recipe (`--diffrate-recipe reference`) the digits 
 sits at chance in the search loss (2.3 on 10 classes, against 1.1 falling to 0.7 under its own recipe), which then
 hardly tells one schedule from another. No RandAugment in either: PIL >= 10 refuses its top posterize magnitude.
 
-Budget: the reference searches 3 ImageNet epochs at batch 1024 (about 3,750 AdamW steps, lr 0.01 cosine to 0.001;
-an Adam step moves a proxy logit by about the lr, so the logits can travel ~20 in all). The digits give 45 steps of
-batch 32 an epoch: DEFAULT_EPOCHS (6) epochs, 270 steps, with lr 0.07 cosine to 0.007 travel ~10, over 16 candidates
-a block (64 patches / granularity 4) where the reference has 49. At the reference's lr 0.01 the same budget left the
-proxies near their uniform start (which removes half the tokens at block 1 whatever the cost: 80-85 % at ToMe
-r = 4's GFLOPs after 1-4 epochs, against 93 % after two epochs at 0.07; diffrate/README.md has the measurements). The shipped schedules (shared/assets/compare/diffrate/<name>/, the
-README there has the command) were searched with these defaults; `--retrain`, `--epochs` or any other setting
-searches into `<cache_dir>/diffrate` instead. `ctx.quick` (tests) searches on 128 generated images of the same size
-(FAKE) instead.
+Budget: the reference searches 3 ImageNet epochs at batch 1024: about 3,750 AdamW steps at lr 0.01 cosine to 0.001,
+and as an Adam step moves a proxy logit by about the lr, the logits can travel ~35 in all. The digits give 40 steps of
+batch 32 an epoch (the entry script's repeated-augmentation sampler: 1,280 draws, about 427 images x 3 views):
+DEFAULT_EPOCHS (6) epochs, 240 steps at lr 0.07 cosine to 0.007, travel ~13, over 16 candidates a block (64 patches
+/ granularity 4) where DeiT has 49; the search has settled by then (test accuracy within a point
+over the last four epochs, its train loss flat). At the reference's lr 0.01 the same steps travel ~2 and leave the
+proxies near their uniform start, which removes half the tokens at block 1 whatever that costs (80-85 % at ToMe
+r = 4's GFLOPs after 1-4 epochs, against 93-94 % from the second epoch on at 0.07; diffrate/README.md). The shipped
+schedules (shared/assets/compare/diffrate/<name>/, the README there has the command) were searched with these
+defaults; `--retrain`, `--epochs` or any other setting searches into `<cache_dir>/diffrate` instead. `ctx.quick`
+(tests) searches on 128 generated images of the same size (FAKE) instead.
 """
 import contextlib
 import io
