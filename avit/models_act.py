@@ -210,8 +210,10 @@ class AdaptiveComputation:
         return self.norm(output)
 
     @staticmethod
+    @torch.compiler.disable
     def _host_read(t):
-        """The zipped loop's one wait for the device: a small integer tensor's values as Python ints."""
+        """The zipped loop's one wait for the device: a small integer tensor's values as Python ints. Never traced
+        (see `_gather_packed_eager`)."""
         return t.tolist()
 
     @torch.no_grad()
@@ -288,7 +290,7 @@ class AdaptiveComputation:
                 states = y
                 continue
             # Every image has `count` tokens that go on exactly when the fewest equals the most: no padding then.
-            states, pos, c, bias = self._gather_packed(y, pos, c, going_on, count, fewest < count)
+            states, pos, c, bias = self._gather_packed_eager(y, pos, c, going_on, count, fewest < count)
         # The masked loop's per-block updates, for every (block, token) pair at once.
         sizes = [p.numel() for p in positions]
         flat_positions = torch.cat([p.reshape(-1) for p in positions])
@@ -331,6 +333,10 @@ class AdaptiveComputation:
             bias = torch.zeros(valid.shape, dtype=y.dtype, device=y.device)
             bias = bias.masked_fill(~valid, PADDING_BIAS)[:, None, None, :]
         return states, pos.gather(1, order), c, bias
+
+    # The per-block packing after a host read runs only eagerly: a compiled loop packs without reading the host, and
+    # where dynamo's defaults make it fall back to eager for the loop, these calls must not become graphs of their own.
+    _gather_packed_eager = staticmethod(torch.compiler.disable(_gather_packed.__func__))
 
     @staticmethod
     def _pack_without_host_sync(y, pos, c, going_on):
