@@ -260,3 +260,12 @@ def test_avit_training_forward_on_registers_keeps_them_going():
     (logits.logsumexp(-1).mean() + model.rho_token.mean()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_diffrate_model_names_pick_the_generic_patch_for_timm_vits():
+    from diffrate.models import apply_diffrate, patch_kind
+    assert patch_kind('vit_small_patch14_reg4_dinov2') == 'vit' and patch_kind('vit_base_patch16_mae') == 'mae'
+    model = apply_diffrate(build('dinov2_reg'), FAMILIES['dinov2_reg'][0], 2)
+    assert model._diffrate_info['prefix'] == 5 and model.blocks[1].prune_ddp.kept_token_number > 5
+    with pytest.raises(ValueError, match="start with 'vit_'"):
+        patch_kind('eva02_tiny_patch14_224')
