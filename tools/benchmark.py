@@ -6,7 +6,8 @@
     python tools/benchmark.py --method toe ...       # training step time per expansion stage
     python tools/benchmark.py --method tavt ...      # a searched gene vs the full model
 
-Each method's options: python tools/benchmark.py --method NAME --help
+Each method's options: python tools/benchmark.py --method NAME --help. With --compile (tome, tocom, diffrate, avit,
+tavt) every forward is also timed torch.compile'd in the same rounds, against the compiled baseline and the eager one.
 
     python tools/benchmark.py --all --out benchmarks   # every method vs its baseline, one table (--compile too)
 """
