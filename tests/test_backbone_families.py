@@ -263,3 +263,22 @@ def test_patch_drop_equals_tavt_model():
     x = images(kwargs)
     with torch.no_grad():
         torch.testing.assert_close(dropped(x), tavt(x, length_config=gene), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_tome_gflops_count_the_merged_tokens(family):
+    """tocom.measure.model_gflops (compare's GFLOPs of ToMe/ToCom) follows the token counts the patched forward used,
+    at an r large enough that the cap on mergeable tokens (which excludes every prefix token) binds."""
+    from tocom.measure import model_gflops
+    name, kwargs = FAMILIES[family]
+    model = apply_patch(build(name, kwargs)).eval()
+    model.r = 40
+    counts = []
+    hooks = [blk.register_forward_pre_hook(lambda m, inp: counts.append(inp[0].shape[1])) for blk in model.blocks]
+    with torch.no_grad():
+        model(images(kwargs, batch=1))
+    for h in hooks:
+        h.remove()
+    dims, _ = vit_dims(model)
+    after = counts[1:] + [counts[-1] - min(40, (counts[-1] - dims['num_prefix_tokens']) // 2)]
+    assert model_gflops(model, 40) == pytest.approx(vit_macs(counts, after, **dims) / 1e9, rel=1e-12)

@@ -39,8 +39,9 @@ def _build(args, name=None):
 
 def model_gflops(model, r, r_src=None, unfolded=False):
     dims, depth = vit_dims(model)
-    protected = int(getattr(model, 'cls_token', None) is not None) + int(getattr(model, 'dist_token', None) is not None)
-    attn, mlp = tome_token_counts(dims['num_patches'] + dims['num_prefix_tokens'], depth, r, protected)
+    # every prefix token (class, distillation, registers) is kept out of the matching (shared.tome)
+    attn, mlp = tome_token_counts(dims['num_patches'] + dims['num_prefix_tokens'], depth, r,
+                                  dims['num_prefix_tokens'])
     macs = vit_macs(attn, mlp, **dims)
     if unfolded and r_src is not None and r_src != r:
         blk = model.blocks[0].attn
