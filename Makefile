@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-heavy benchmark bench-gpu clean-venv
+.PHONY: demo test test-heavy test-gpu benchmark bench-gpu clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test-heavy: $(VENV)/.installed
 # reduced grid); writes benchmarks/bench.md and benchmarks/bench.csv.
 bench-gpu: $(VENV)/.installed
 	$(PY) tools/benchmark.py --all --compile --out benchmarks
+
+# CUDA checks (forward on the GPU equals the CPU's, autocast finite, A-ViT's host syncs); skipped without a GPU.
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py
 
 clean-venv:
 	rm -rf $(VENV)

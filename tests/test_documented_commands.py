@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ('README.md', 'DEVELOPING.md', 'tocom/README.md', 'toe/README.md', 'diffrate/README.md', 'tavt/README.md',
-        'avit/README.md')
+        'avit/README.md', 'benchmarks/README.md')
 TOOL_HELP = ('tools/compare.py', 'tools/flops.py', 'tools/benchmark.py', 'tools/convert.py', 'tools/train_baseline.py',
              'tools/submit.py')
 LAUNCHERS = ('python', 'python3', 'torchrun', 'srun')
