@@ -191,7 +191,7 @@ def test_tavt_shipped_artefact_used_by_default_never_written(shipped_ctx, monkey
         calls.clear()
         ctx.retrain = change == 'retrain'
         args = hook_args(tavt_hook, *(['--tavt-epochs', 2] if change == 'epochs' else []),
-                         *(['--tavt-population', 6] if change == 'search' else []))
+                         *(['--tavt-population', 7] if change == 'search' else []))
         folder = os.path.join(ctx.cache_dir, 'tavt', tavt_hook.artefact_name(ctx, args))
         os.makedirs(os.path.join(folder, 'work', 'evo', 'baseline_adaptive'))
         with open(os.path.join(folder, 'work', 'evo', 'baseline_adaptive', f'population-iter{args.tavt_evo_iter}.tsv'),
