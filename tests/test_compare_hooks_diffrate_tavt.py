@@ -1,4 +1,5 @@
-"""diffrate.compare and tavt.compare: the variants tools/compare.py measures, made by each method's own code."""
+"""diffrate.compare and tavt.compare: the variants tools/compare.py measures, made by each method's own code, and the
+DiffRate schedules shipped for the embedded default."""
 import argparse
 import os
 
@@ -12,6 +13,7 @@ from shared.compare_api import MissingArtefact, data_args, load_base_model
 from shared.datasets import build_dataset
 from shared.flops import model_macs
 from tavt import compare as tavt_hook
+from tests.test_tocom_compare import Trained, check_readme_hashes, embedded_ctx, listing, shipped_folders
 
 
 @pytest.fixture
@@ -42,9 +44,24 @@ def tokens_out_of_blocks(model, blocks, x):
     return counts, logits
 
 
+def tome_mlp_tokens(r, tokens=65, depth=12):
+    """Tokens left after each block's merge under ToMe at r: r per block, at most half the non-class tokens."""
+    left = []
+    for _ in range(depth):
+        tokens -= min(r, (tokens - 1) // 2)
+        left.append(tokens)
+    return left
+
+
+def test_diffrate_default_targets_are_tome_gflops(ctx):
+    expected = [round(vit_gflops(64, 4, 64, 10, [65] * 12, tome_mlp_tokens(r)), 6) for r in (3, 4, 5)]
+    assert diffrate_hook.default_targets(ctx) == expected
+    assert diffrate_hook.default_targets(ctx, argparse.Namespace(tome_r=[5, 2])) == [
+        round(vit_gflops(64, 4, 64, 10, [65] * 12, tome_mlp_tokens(r)), 6) for r in (2, 5)]
+
+
 def test_diffrate_variants_follow_their_schedule(ctx):
     base_gflops = model_macs(load_base_model(ctx)) / 1e9
-    assert diffrate_hook.default_targets(ctx) == [round(base_gflops * 0.7, 4), round(base_gflops * 0.5, 4)]
     args = hook_args(diffrate_hook, '--target-flops', 0.03)
     (variant,) = diffrate_hook.variants('diffrate', ctx, args)
     prune, merge = variant.settings['prune_kept_num'], variant.settings['merge_kept_num']
@@ -73,6 +90,76 @@ def test_diffrate_missing_schedule_names_the_command(ctx, tmp_path):
     ctx.artefacts['diffrate_schedule_path'] = str(tmp_path / 'nope.json')
     with pytest.raises(MissingArtefact, match=r'nope\.json.*diffrate/main\.py'):
         diffrate_hook.variants('diffrate', ctx, hook_args(diffrate_hook, '--target-flops', 0.03))
+
+
+@pytest.fixture
+def fake_shipped_schedules(tmp_path, compare_ctx, monkeypatch):
+    """Shipped folders, under a temporary shipped root, holding a schedule for each default target; a search raises
+    `Trained` instead of running."""
+    import diffrate.main
+    from diffrate import schedules
+
+    def no_search(args, model=None):
+        raise Trained(args.output_dir)
+
+    monkeypatch.setattr(diffrate.main, 'main', no_search)
+    ctx = embedded_ctx(tmp_path / 'cache', tmp_path / 'shipped', base=compare_ctx.base_checkpoint)
+    args = hook_args(diffrate_hook)
+    shipped = {}
+    for i, target in enumerate(diffrate_hook.default_targets(ctx)):
+        folder = tmp_path / 'shipped' / 'diffrate' / diffrate_hook.artefact_name(ctx, args, target)
+        folder.mkdir(parents=True)
+        prune, merge = [65] * 12, [65] + [61 - 4 * i] * 11
+        schedules.write_entry(str(folder / diffrate_hook.SCHEDULE_FILE), ctx.model_name, target, prune, merge)
+        (folder / 'done').touch()
+        shipped[target] = (folder, prune, merge)
+    return ctx, shipped
+
+
+def test_diffrate_shipped_schedules_are_loaded_not_searched(fake_shipped_schedules):
+    ctx, shipped = fake_shipped_schedules
+    before = {t: listing(f) for t, (f, _, _) in shipped.items()}
+    variants = diffrate_hook.variants('diffrate', ctx, hook_args(diffrate_hook))
+    assert [v.settings['target_flops'] for v in variants] == list(shipped)
+    for v in variants:
+        folder, prune, merge = shipped[v.settings['target_flops']]
+        assert v.artefacts['schedule'] == str(folder / diffrate_hook.SCHEDULE_FILE)
+        assert (v.settings['prune_kept_num'], v.settings['merge_kept_num']) == (prune, merge)
+        assert v.model.get_kept_num() == (prune, merge)
+    assert {t: listing(f) for t, (f, _, _) in shipped.items()} == before and not os.path.exists(ctx.cache_dir)
+
+
+@pytest.mark.parametrize('change', [dict(retrain=True), dict(epochs=3), dict(argv=('--diffrate-arch-lr', 0.01)),
+                                    dict(argv=('--diffrate-recipe', 'reference')),
+                                    dict(argv=('--diffrate-batch-size', 64)), dict(argv=('--diffrate-granularity', 2)),
+                                    dict(argv=('--target-flops', 0.03))])
+def test_diffrate_shipped_schedules_ignored_under_other_settings(fake_shipped_schedules, change):
+    ctx, shipped = fake_shipped_schedules
+    before = {t: listing(f) for t, (f, _, _) in shipped.items()}
+    for field in ('retrain', 'epochs'):
+        if field in change:
+            setattr(ctx, field, change[field])
+    with pytest.raises(Trained) as searched:
+        diffrate_hook.variants('diffrate', ctx, hook_args(diffrate_hook, *change.get('argv', ())))
+    assert str(searched.value).startswith(os.path.join(ctx.cache_dir, 'diffrate'))
+    assert {t: listing(f) for t, (f, _, _) in shipped.items()} == before
+
+
+def test_diffrate_shipped_schedules_match_their_readme_and_the_defaults(tmp_path):
+    folders = shipped_folders('diffrate')
+    ctx = embedded_ctx(tmp_path)
+    targets = diffrate_hook.default_targets(ctx)
+    assert len(folders) == len(targets)
+    for folder in folders:
+        check_readme_hashes(folder)
+        assert sorted(os.listdir(folder)) == ['README.md', diffrate_hook.SCHEDULE_FILE, 'done']
+    # the embedded default picks one per default target, and each schedule meets its target within one candidate
+    for target in targets:
+        path = diffrate_hook.search(ctx, hook_args(diffrate_hook), target)
+        assert os.path.dirname(path) in folders
+        prune, merge = diffrate_hook.read_schedule(path, ctx.model_name, target)
+        assert abs(vit_gflops(64, 4, 64, 10, prune, merge) - target) < 0.002
+    assert not os.path.exists(tmp_path / 'diffrate')
 
 
 def test_tavt_model_of_the_baseline_is_the_timm_model(ctx):
