@@ -12,7 +12,7 @@ where merging costs accuracy, and where a compensator or a searched schedule can
 
 Budget: the paper pre-trains the compensator for 10 ImageNet epochs at batch 1024 and lr 1e-3 (2e-3 after DeiT's
 batch scaling), about 12,500 steps of AdamW. Here the compensator is small (12 blocks x q, v x 2 x 64 x 2S weights)
-and the data 1,437 digits: DEFAULT_EPOCHS epochs of 23 steps at batch 64 with the paper's effective lr 2e-3, unscaled
+and the data 1,437 digits: DEFAULT_EPOCHS (10) epochs of 22 steps at batch 64 with the paper's effective lr 2e-3, unscaled
 (DeiT's scaling to batch 64 would give 2.5e-4, which leaves the zero-initialised compensator where it started in a
 few hundred steps). The shipped compensator (shared/assets/compare/tocom/<name>/, its README has the command) was made
 with these defaults; `--retrain`, `--epochs` or any other setting trains one into `<cache_dir>/tocom` instead.
