@@ -712,13 +712,13 @@ def draw_plot(rows, x_key, x_label, low_better, prov, dpi=120):
     boxes = place_labels(points, sizes, Box(bb.x0 + 2, bb.y0 + 2, bb.x1 - 2, bb.y1 - 2), marker_radius=marker_px)
     for row, text, point, box in zip(rows, texts, points, boxes):
         color = registry.style(row['method'])[1]
-        leader = needs_leader(point, box, marker_radius=marker_px)
+        leader = needs_leader(point, box, marker_radius=marker_px, others=points)
         ax.annotate(text, xy=(row[x_key], row['acc1']), xytext=(box.x0 - point[0], box.y0 - point[1]),
                     textcoords='offset pixels', ha='left', va='bottom', fontsize=LABEL_FONT, color='black',
                     zorder=5, annotation_clip=False,
                     # readable where it crosses an error bar or the front
                     bbox=dict(boxstyle='square,pad=0.1', facecolor='white', edgecolor='none', alpha=0.75),
-                    arrowprops=dict(arrowstyle='-', color=color, lw=0.6, shrinkA=0, shrinkB=marker_px * 0.6)
+                    arrowprops=dict(arrowstyle='-', color=color, lw=0.8, shrinkA=0, shrinkB=2)
                     if leader else None)
     return fig
 

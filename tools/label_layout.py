@@ -74,12 +74,16 @@ def place_labels(points, sizes, area, marker_radius=5.0, gap=2.0, step=None, rin
     return placed
 
 
-def needs_leader(point, box, marker_radius=5.0, gap=2.0):
-    """True when the label is far enough from its point that a line should show which point it names."""
+def _distance(point, box):
     px, py = point
-    dx = max(box.x0 - px, 0.0, px - box.x1)
-    dy = max(box.y0 - py, 0.0, py - box.y1)
-    return math.hypot(dx, dy) > marker_radius + 2 * gap + 1.0
+    return math.hypot(max(box.x0 - px, 0.0, px - box.x1), max(box.y0 - py, 0.0, py - box.y1))
+
+
+def needs_leader(point, box, marker_radius=5.0, gap=2.0, others=()):
+    """True when a line should show which point the label names: it sits away from its point, or another point
+    (of `others`) is at least as close to it as its own."""
+    own = _distance(point, box)
+    return own > marker_radius + 2 * gap + 1.0 or any(_distance(o, box) <= own for o in others if o != point)
 
 
 def any_overlap(boxes):
