@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ('README.md', 'DEVELOPING.md', 'tocom/README.md', 'toe/README.md', 'diffrate/README.md', 'tavt/README.md',
         'avit/README.md', 'benchmarks/README.md')
 TOOL_HELP = ('tools/compare.py', 'tools/flops.py', 'tools/benchmark.py', 'tools/convert.py', 'tools/train_baseline.py',
-             'tools/submit.py')
+             'tools/submit.py', 'tools/export.py')
 LAUNCHERS = ('python', 'python3', 'torchrun', 'srun')
 # placeholder tokens of the text -> a value the parser accepts (paths stay as written: parsing does not read them)
 PLACEHOLDERS = {'R': '8', 'k': '4', 't': '2', 'N': '1', '<k>': '4', '<t>': '2'}
@@ -50,6 +50,7 @@ PARSERS = {
     'tools/benchmark.py': _tool_parser('tools.benchmark'),
     'tools/convert.py': _parser('tools.convert'),
     'tools/submit.py': _parser('tools.submit'),
+    'tools/export.py': _parser('tools.export', 'get_parser'),
     'tools/train_baseline.py': _parser('tools.train_baseline'),
     'diffrate/main.py': _parser('diffrate.main'),
     'toe/deit/main.py': _parser('toe.deit.main'),
