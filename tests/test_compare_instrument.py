@@ -140,7 +140,7 @@ def test_training_method_gets_its_own_table_read_back_from_the_csv(tmp_path, com
     assert back['prov_git_commit'] == report['provenance']['git_commit']
     table = (out / 'results.txt').read_text()
     assert 'training-time methods' in table
-    assert 'figures: shipped record (2026-01-01T00:00:00+00:00, Some CPU, 2 threads)' in table
+    assert 'figures: shipped record (2026-01-01T00:00:00+00:00, Some CPU, 2 thread(s))' in table
 
 
 def test_training_method_without_record_still_reports_its_accuracy(tmp_path, compare_ctx, monkeypatch, capsys):

@@ -471,7 +471,7 @@ def figures_from(row):
     if source == 'this run':
         return 'measured by this run'
     return f'{source} ({row.get("measured_date") or "undated"}, {row.get("measured_device_name") or "?"}, ' \
-           f'{row.get("measured_threads") or "?"} threads)'
+           f'{row.get("measured_threads") or "?"} thread(s))'
 
 
 def git_commit():
