@@ -1,6 +1,6 @@
 """tools/compare.py protocol for A-ViT (see shared/compare_api.py).
 
-The baseline ViT's weights go into an AdaptiveVisionTransformer of the same shape (A-ViT adds no parameters), which
+The baseline ViT becomes an A-ViT in place (avit.models_act.adaptive_from_timm; A-ViT adds no parameters), which
 is fine-tuned with A-ViT's own loss (task + ponder + KL prior, avit.engine_act), once per gate centre of the sweep.
 Variants are evaluated with the zipped path; their GFLOPs are data dependent: the forward returns one value per image
 (from the depth counters), so the report gives their mean and spread.
@@ -28,7 +28,7 @@ import torch
 from shared.compare_api import MissingArtefact, Variant, artefact_dir, epochs_for, load_base_model
 from shared.errors import UserError
 from avit.engine_act import act_loss_fn, per_image_macs
-from avit.models_act import AdaptiveVisionTransformer
+from avit.models_act import adaptive_from_timm
 
 METHODS = ('avit',)
 
@@ -51,14 +51,9 @@ def add_args(parser):
 
 
 def _avit_from_base(ctx, gate_scale, gate_center):
-    base = load_base_model(ctx)
-    cfg = dict(img_size=base.patch_embed.img_size, patch_size=base.patch_embed.patch_size, embed_dim=base.embed_dim,
-               depth=len(base.blocks), num_heads=base.blocks[0].attn.num_heads,
-               mlp_ratio=base.blocks[0].mlp.fc1.out_features / base.embed_dim,
-               num_classes=base.head.out_features, norm_layer=type(base.norm))
-    model = AdaptiveVisionTransformer(gate_scale=gate_scale, gate_center=gate_center, **cfg)
-    model.load_state_dict(base.state_dict())
-    return model
+    """The baseline itself turned into an A-ViT (its own layers, norms and weights; any supported timm ViT family,
+    others refused with the reason by avit.models_act.adaptive_from_timm)."""
+    return adaptive_from_timm(load_base_model(ctx), gate_scale, gate_center)
 
 
 def _file_digest(path, chars=10):
