@@ -20,13 +20,13 @@ measurements are in avit/README.md, "tools/compare.py"):
 - The ponder weight is 10x the paper's (5e-3): the digits' task loss sits near its label-smoothing floor, far below
   ImageNet's.
 """
-import hashlib
 import os
 
 import torch
 
 from shared.compare_api import MissingArtefact, Variant, artefact_dir, epochs_for, load_base_model
 from shared.errors import UserError
+from shared.provenance import file_sha256
 from avit.engine_act import act_loss_fn, per_image_macs
 from avit.models_act import adaptive_from_timm
 
@@ -56,17 +56,9 @@ def _avit_from_base(ctx, gate_scale, gate_center):
     return adaptive_from_timm(load_base_model(ctx), gate_scale, gate_center)
 
 
-def _file_digest(path, chars=10):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()[:chars]
-
-
 def artefact_name(ctx, args, center):
     """The artefact folder's name: every setting the fine-tuned weights depend on, the baseline's content included."""
-    return (f'{ctx.model_name}-base{_file_digest(ctx.base_checkpoint)}-g{args.avit_gate_scale:g}-c{center:g}'
+    return (f'{ctx.model_name}-base{file_sha256(ctx.base_checkpoint)[:10]}-g{args.avit_gate_scale:g}-c{center:g}'
             f'-pond{args.avit_ponder:g}-kl{args.avit_prior:g}-lr{args.avit_lr:g}'
             f'-ep{epochs_for(ctx, DEFAULT_EPOCHS)}-s{ctx.seed}{"-quick" if ctx.quick else ""}')
 

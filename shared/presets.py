@@ -19,7 +19,6 @@ How compare uses it: the method list decides which flags the parser gets, so wit
 fills the flags (`args.model_kwargs` holds the backbone's extra timm kwargs, MAE's average pooling); at the end
 `paper_reference(name, row)` gives the reported numbers of each result row.
 """
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from shared.errors import UserError
+from shared.provenance import file_sha256
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,14 +183,6 @@ PRESETS = {p.name: p for p in (
 )}
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def hash_prefix(name):
     """The SHA-256 prefix a file name carries (`deit_small_patch16_224-cd65a155.pth` -> 'cd65a155'), or None."""
     found = _HASH_IN_NAME.search(name)
@@ -227,7 +219,7 @@ def check_files(preset, weights_dir, methods):
     for path in found.values():
         prefix = hash_prefix(os.path.basename(path))
         if prefix is not None:
-            digest = sha256_of(path)
+            digest = file_sha256(path)
             if not digest.startswith(prefix):
                 raise UserError(f'{path}: its SHA-256 {digest[:16]}... does not start with {prefix}, the prefix its '
                                 'name carries; the file is corrupt or not the official one: download it again')

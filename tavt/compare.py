@@ -32,7 +32,6 @@ measurements are in tavt/README.md, "tools/compare.py"):
 - The search's population and breeding sizes are small (`--tavt-population`, ...; original 20 / 30 / 30 iterations).
 """
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -40,6 +39,7 @@ import sys
 
 import torch
 
+from shared.provenance import file_sha256
 from shared.compare_api import MissingArtefact, Variant, artefact_dir, data_args, epochs_for, load_base_model
 
 METHODS = ('tavt',)
@@ -146,21 +146,13 @@ def distillation_passes(ctx, args):
     return args.tavt_epochs if args.tavt_epochs is not None else epochs_for(ctx, DEFAULT_PASSES)
 
 
-def _file_digest(path, chars=10):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()[:chars]
-
-
 def artefact_name(ctx, args, given=None):
     """The artefact folder's name: every setting the distilled weights and the frontier depend on."""
     search = 'quick' if ctx.quick else f'pop{args.tavt_population}_br{args.tavt_breed}_it{args.tavt_evo_iter}'
     if given:
-        start = f'given{_file_digest(given)}'
+        start = f'given{file_sha256(given)[:10]}'
     else:
-        start = (f'{ctx.model_name}_base{_file_digest(ctx.base_checkpoint)}_p{distillation_passes(ctx, args)}'
+        start = (f'{ctx.model_name}_base{file_sha256(ctx.base_checkpoint)[:10]}_p{distillation_passes(ctx, args)}'
                  f'_lr{args.tavt_lr:g}_ld{args.tavt_layer_drop:g}_b{args.tavt_batch_size}')
     return f'{start}_s{ctx.seed}_{search}'
 

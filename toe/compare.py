@@ -56,6 +56,7 @@ import torch
 
 from shared.compare_api import MissingArtefact, Variant, artefact_dir, epochs_for, load_base_model
 from shared.errors import UserError
+from shared.provenance import device_name, git_commit
 
 METHODS = ('toe',)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,30 +215,6 @@ def side_by_side_fits(device, threads):
 def read_log(out):
     with open(os.path.join(out, 'log.txt')) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def git_commit():
-    try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
-                               capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-    if head.returncode != 0:
-        return 'unknown'
-    return head.stdout.strip() + ('+dirty' if dirty.stdout.strip() else '')
-
-
-def device_name(device):
-    device = torch.device(device)
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    except OSError:
-        names = []
-    return names[0] if names else 'cpu'
 
 
 def seconds_summary(prefix, epoch_seconds):

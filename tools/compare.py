@@ -24,7 +24,6 @@ time of each phase), acc_vs_gflops.png, acc_vs_throughput.png.
 import argparse
 import contextlib
 import csv
-import hashlib
 import importlib
 import io
 import json
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 from shared.args import CheckedArgumentParser, check_finite_weights, load_checkpoint  # noqa: E402
 from shared.compare_api import Context, MissingArtefact, Variant, make_data_args  # noqa: E402
 from shared.errors import UserError, debug_requested  # noqa: E402
+from shared.provenance import device_name, file_sha256 as sha256, git_commit as repo_commit  # noqa: E402,F401
 from shared import methods as registry  # noqa: E402
 
 # the methods, their hook modules and plot styles: the one registry, shared/methods.py
@@ -160,14 +160,6 @@ def parse_methods(argv):
     for m in methods:
         registry.get(m)  # an unknown name: the error lists the known ones
     return methods
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # lr 1e-3 unscaled with a short warm-up: DeiT's linear scaling gives 6e-5 at batch 64, far too little for a ViT
@@ -475,33 +467,7 @@ def figures_from(row):
 
 
 def git_commit():
-    """HEAD of the checkout this file is in, with '+dirty' when tracked files differ from it; 'unknown' outside git."""
-    def git(*cmd):
-        return subprocess.run(['git', *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              timeout=30)
-    try:
-        head = git('rev-parse', 'HEAD')
-        if head.returncode != 0:
-            return 'unknown'
-        dirty = git('status', '--porcelain', '--untracked-files=no').stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-    return head.stdout.strip() + ('+dirty' if dirty else '')
-
-
-def device_name(device):
-    """The GPU's name, or the CPU's model name (platform.processor() is empty on most Linux systems)."""
-    device = torch.device(device)
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or 'unknown'
+    return repo_commit(ROOT)
 
 
 def provenance(args):
