@@ -86,7 +86,11 @@ def config_of(timm_model):
             not isinstance(getattr(blk.attn, 'q_norm', torch.nn.Identity()), torch.nn.Identity):
         problems.append('qkv biases, no layer scale, no q/k norm')
     if problems:
-        raise ValueError(f'TAVT (ViT-pytorch) needs a plain ViT: {"; ".join(problems)}')
+        from shared.backbones import UnsupportedBackbone
+        raise UnsupportedBackbone(
+            f'TAVT cannot be applied to {type(timm_model).__name__}: its distillation and search run on its own '
+            f'ViT-pytorch model, which needs {"; ".join(problems)} (a searched gene can still be evaluated on this '
+            'backbone with tavt.length_drop.apply_patch_drop)')
     patch = timm_model.patch_embed.patch_size
     return vit_config(patch[0], timm_model.embed_dim, blk.mlp.fc1.out_features, blk.attn.num_heads,
                       len(timm_model.blocks))

@@ -282,3 +282,12 @@ def test_tome_gflops_count_the_merged_tokens(family):
     dims, _ = vit_dims(model)
     after = counts[1:] + [counts[-1] - min(40, (counts[-1] - dims['num_prefix_tokens']) // 2)]
     assert model_gflops(model, 40) == pytest.approx(vit_macs(counts, after, **dims) / 1e9, rel=1e-12)
+
+
+def test_tavt_compare_refuses_what_its_own_model_cannot_express():
+    """TAVT's distillation and search (tavt/compare.py) need its ViT-pytorch model: other families stop with one
+    user error naming what is missing (it used to be a ValueError traceback)."""
+    from tavt.compare import config_of
+    name, kwargs = FAMILIES['dinov2_reg']
+    with pytest.raises(UnsupportedBackbone, match='TAVT cannot be applied.*a single class token.*no layer scale'):
+        config_of(build(name, kwargs))
