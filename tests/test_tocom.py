@@ -255,3 +255,22 @@ def test_benchmark_hook_runs(capsys):
     out = benchmark(args)
     assert [row['r'] for row in out['rows']] == [0, 1, 4] and out['rows'][0]['speedup'] == 1.0
     assert 'speed-up' in capsys.readouterr().out
+
+
+def test_teacher_is_built_at_the_input_size(tmp_path):
+    """The pre-training teacher is built at --input-size for any timm name (a DINOv2 checkpoint saved at 56 px used
+    to meet a 518-px teacher and fail to load)."""
+    import argparse
+
+    import timm
+
+    from tocom.main import load_teacher
+    source = timm.create_model('vit_small_patch14_reg4_dinov2', pretrained=False, num_classes=10, img_size=56)
+    path = tmp_path / 'dino.pth'
+    torch.save(source.state_dict(), path)
+    args = argparse.Namespace(teacher_model='vit_small_patch14_reg4_dinov2', teacher_path=str(path), input_size=56)
+    try:
+        teacher = load_teacher(args, 10, 'cpu')
+    except Exception as e:  # a (1, 16, C) embedding against the 37x37 grid of the name's default 518 px
+        pytest.fail(str(e))
+    assert teacher.pos_embed.shape == source.pos_embed.shape

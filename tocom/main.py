@@ -86,10 +86,8 @@ def check_args(args):
 
 def load_teacher(args, nb_classes, device):
     print(f'Creating teacher model: {args.teacher_model}')
-    from tocom.models import MODELS
-    # our DeiTs are built at --input-size (upstream always built the teacher at 224, so other sizes failed to load)
-    extra = {'img_size': args.input_size} if args.teacher_model in MODELS else {}
-    teacher = create_tocom_model(args.teacher_model, num_classes=nb_classes, **extra)
+    # built at --input-size like the student (upstream always built the teacher at 224, so other sizes failed to load)
+    teacher = create_tocom_model(args.teacher_model, num_classes=nb_classes, img_size=args.input_size)
     checkpoint = safe_load(args.teacher_path)
     state = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
     load_weights(teacher, state, strict=False, source=f'--teacher-path {args.teacher_path}')
