@@ -6,10 +6,6 @@ import importlib
 
 from shared.methods import METHODS
 
-# name -> module with add_flops_args/flops/add_benchmark_args/benchmark (see DEVELOPING.md); derived from the
-# registry, kept for the callers that spell their --method choices with it
-MEASURE_MODULES = {name: method.measure for name, method in METHODS.items()}
-
 
 def measure_module(method):
     if method not in METHODS:

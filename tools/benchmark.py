@@ -22,18 +22,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from shared.args import CheckedArgumentParser  # noqa: E402
 from shared.errors import run_cli  # noqa: E402
 from shared.methods import NAMES  # noqa: E402
-from tools._dispatch import MEASURE_MODULES, measure_module  # noqa: E402
+from tools._dispatch import measure_module  # noqa: E402
 
 
 def get_parser(argv=None):
     """The parser for this command line: --method, and that method's own flags once it is given."""
     parser = CheckedArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument('--method', default=None, choices=sorted(MEASURE_MODULES))
+    pre.add_argument('--method', default=None, choices=sorted(NAMES))
     pre.add_argument('--all', action='store_true')
     known = pre.parse_known_args(argv)[0]
     method = known.method
-    parser.add_argument('--method', required=not known.all, choices=sorted(MEASURE_MODULES))
+    parser.add_argument('--method', required=not known.all, choices=sorted(NAMES))
     if known.all:
         parser.add_argument('--all', action='store_true', help='the grid of every method against its baseline')
         parser.add_argument('--compile', action='store_true', help='also torch.compile both models of each pair')

@@ -24,7 +24,6 @@ time of each phase), acc_vs_gflops.png, acc_vs_throughput.png.
 import argparse
 import contextlib
 import csv
-import importlib
 import io
 import json
 import os
@@ -82,7 +81,7 @@ class ErrorExit(SystemExit):
 
 def hook_module(method):
     """The compare hook of a method (an unknown name is a UserError naming the known ones)."""
-    return importlib.import_module(registry.get(method).compare)
+    return registry.compare_hook(method)
 
 
 def known_methods():
@@ -240,9 +239,8 @@ def fit_checkpoint(args, state, ckpt, model_kwargs):
     out = os.path.join(args.cache_dir, 'baseline_fitted',
                        f'{sha256(ckpt)[:16]}_{args.model}_{model_kwargs.get("img_size", "default")}.pth')
     if not os.path.isfile(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        torch.save({'model': fitted}, out + '.tmp')
-        os.replace(out + '.tmp', out)
+        from shared.checkpoint import atomic_save
+        atomic_save({'model': fitted}, out)
     print(f'| {ckpt}: position embedding resampled by timm to the model\'s grid ({out})')
     return out
 
@@ -331,6 +329,9 @@ class GflopsRecorder:
         return {k: stats[k] for k in ('p5', 'p95', 'min', 'max')}
 
 
+SPREAD_KEYS = ('p5', 'p95', 'min', 'max')
+
+
 def gflops_fields(mean, recorder):
     """The row's GFLOPs: the mean with its spread over the evaluated images (0 wide for a static model)."""
     if mean is None:
@@ -342,9 +343,6 @@ def gflops_fields(mean, recorder):
         per = recorder.per
     return {'gflops': round(float(mean), 6), 'gflops_per': per,
             **{f'gflops_{k}': round(v, 6) for k, v in spread.items()}}
-
-
-SPREAD_KEYS = ('p5', 'p95', 'min', 'max')
 
 
 def spread_is_wide(spread, limit):
@@ -722,10 +720,7 @@ def apply_preset(args, parser):
     """--preset: the papers' setting (shared/presets.py checks the weight files and fills the flags)."""
     if not args.preset:
         return args
-    try:
-        from shared.presets import apply_preset as fill
-    except ImportError as e:
-        raise UserError(f'--preset {args.preset}: the presets module is not available ({e})') from None
+    from shared.presets import apply_preset as fill
     return fill(args, parser)
 
 
