@@ -255,7 +255,7 @@ def _peak_mb(fn, x, dtype, device, mode):
 def device_line(device):
     """The device, its thread count, the libraries and the commit the table was measured with."""
     import timm
-    from tools.compare import device_name, git_commit
+    from shared.provenance import device_name, git_commit
     cuda = f', CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}' if device.type == 'cuda' else ''
     return (f'Device: {device.type.upper()} {device_name(device)}, {torch.get_num_threads()} torch threads; '
             f'torch {torch.__version__}{cuda}, timm {timm.__version__}, Python {platform.python_version()}; '
